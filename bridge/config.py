@@ -1,0 +1,229 @@
+"""The TOML configuration: loading, secret references, validation.
+
+Every section is a frozen dataclass; `build()` turns a TOML table into one, so
+adding a setting is adding a field. Any string value may be `env:NAME` or
+`file:PATH`. Problems raise `ConfigError` naming the key; values of `Secret`
+fields never appear in messages or reprs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+from bridge import providers
+from bridge.errors import ConfigError, UnknownAccount
+from bridge.redact import Secret
+
+CONFIG_ENV = "ORDER_BRIDGE_CONFIG"
+ACCOUNT_NAME = re.compile(r"[a-z0-9-]+")
+
+
+@dataclass(frozen=True)
+class KafkaSettings:
+    bootstrap_servers: str = "127.0.0.1:9092"
+    status_topic: str = "order-status.v1"
+    inbox_topic: str = "order-bridge.inbox.v1"
+    deadletter_topic: str = "order-bridge.deadletter.v1"
+    state_topic: str = "order-bridge.state.v1"
+    partitions: int = 12
+    enable_idempotence: bool = True
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    sasl_username: str | None = None
+    sasl_password: Secret | None = None
+    ssl_cafile: str | None = None
+
+
+@dataclass(frozen=True)
+class HttpSettings:
+    host: str = "127.0.0.1"
+    port: int = 8080
+
+
+@dataclass(frozen=True)
+class Account:
+    """One merchant account at a provider."""
+
+    name: str
+    provider: str
+    base_url: str
+    # The provider's own credentials and options: a dataclass from its module.
+    settings: Any
+    # The body answered to an accepted callback; `None` means the provider's default.
+    callback_ack: str | None = None
+    # Seconds one order-detail query may take before it counts as failed.
+    query_timeout: float = 10.0
+
+
+# The keys an [[accounts]] table may hold besides its provider's own settings.
+_ACCOUNT_KEYS = frozenset(f.name for f in dataclasses.fields(Account)) - {"settings"}
+
+
+@dataclass(frozen=True)
+class Config:
+    kafka: KafkaSettings = field(default_factory=KafkaSettings)
+    http: HttpSettings = field(default_factory=HttpSettings)
+    accounts: tuple[Account, ...] = ()
+
+    def account(self, provider: str, name: str) -> Account:
+        for account in self.accounts:
+            if account.name == name and account.provider == provider:
+                return account
+        raise UnknownAccount(provider, name)
+
+
+def load_config(path: str | os.PathLike[str] | None = None) -> Config:
+    """Reads the config file named by `path`, or by the ORDER_BRIDGE_CONFIG variable."""
+    path = path or os.environ.get(CONFIG_ENV)
+    if not path:
+        raise ConfigError("--config", f"no config file: pass --config PATH or set {CONFIG_ENV}")
+    try:
+        data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(str(path), f"cannot read: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(str(path), f"not valid TOML: {exc}") from None
+    return parse_config(data)
+
+
+def parse_config(data: Mapping[str, Any], env: Mapping[str, str] | None = None) -> Config:
+    env = os.environ if env is None else env
+    _reject_unknown(data, {"kafka", "http", "accounts"}, "")
+    accounts = data.get("accounts", [])
+    if not isinstance(accounts, list):
+        raise ConfigError("accounts", "must be an array of tables: [[accounts]]")
+    parsed = tuple(_parse_account(table, f"accounts[{i}]", env) for i, table in enumerate(accounts))
+    seen: set[str] = set()
+    for i, account in enumerate(parsed):
+        if account.name in seen:
+            raise ConfigError(f"accounts[{i}].name", f"{account.name!r} is used twice")
+        seen.add(account.name)
+    return Config(
+        kafka=build(KafkaSettings, _table(data, "kafka"), "kafka", env),
+        http=build(HttpSettings, _table(data, "http"), "http", env),
+        accounts=parsed,
+    )
+
+
+def _parse_account(table: Any, path: str, env: Mapping[str, str]) -> Account:
+    if not isinstance(table, dict):
+        raise ConfigError(path, "must be a table")
+    provider_name = table.get("provider")
+    if provider_name not in providers.names():
+        choices = ", ".join(providers.names())
+        raise ConfigError(f"{path}.provider", f"must be one of: {choices}")
+    provider = providers.get(provider_name)
+    own = {k: v for k, v in table.items() if k in _ACCOUNT_KEYS}
+    rest = {k: v for k, v in table.items() if k not in _ACCOUNT_KEYS}
+    settings = build(provider.settings_type, rest, path, env)
+    account = build(Account, {**own, "settings": settings}, path, env)
+    if not ACCOUNT_NAME.fullmatch(account.name):
+        raise ConfigError(f"{path}.name", "use only a-z, 0-9 and '-'")
+    if not account.base_url.startswith(("http://", "https://")):
+        raise ConfigError(f"{path}.base_url", "must start with http:// or https://")
+    return account
+
+
+T = TypeVar("T")
+
+
+def build(cls: type[T], table: Mapping[str, Any], path: str, env: Mapping[str, str]) -> T:
+    """Builds dataclass `cls` from a TOML table: unknown, missing and ill-typed keys are errors."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    _reject_unknown(table, fields.keys(), path)
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for name, f in fields.items():
+        key = f"{path}.{name}" if path else name
+        if name in table:
+            values[name] = _coerce(table[name], hints[name], key, env)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(key, "missing")
+    return cls(**values)
+
+
+def _coerce(value: Any, hint: Any, key: str, env: Mapping[str, str]) -> Any:
+    if isinstance(value, str):
+        value = _resolve_reference(value, key, env)
+    options = typing.get_args(hint) if _is_union(hint) else (hint,)
+    if value is None and type(None) in options:
+        return None
+    for option in options:
+        if option is type(None):
+            continue
+        if typing.get_origin(option) is Literal:
+            if value in typing.get_args(option):
+                return value
+            continue
+        if option is Secret and isinstance(value, str):
+            return Secret(value)
+        if option is Any:
+            return value
+        if option is float and isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if option is int and isinstance(value, str) and value.strip().isdigit():
+            # Numeric ids often come from the environment, where everything is text.
+            return int(value)
+        if isinstance(option, type) and isinstance(value, option):
+            if isinstance(value, bool) and option is not bool:
+                continue
+            return value
+    raise ConfigError(key, f"expected {_describe(hint)}{_shown(value, hint)}")
+
+
+def _resolve_reference(value: str, key: str, env: Mapping[str, str]) -> str:
+    if value.startswith("env:"):
+        name = value[4:]
+        if name not in env:
+            raise ConfigError(key, f"environment variable {name} is not set")
+        return env[name]
+    if value.startswith("file:"):
+        file = Path(value[5:])
+        try:
+            return file.read_text(encoding="utf-8").removesuffix("\n").removesuffix("\r")
+        except OSError as exc:
+            raise ConfigError(key, f"cannot read {file}: {exc.strerror}") from None
+    return value
+
+
+def _is_union(hint: Any) -> bool:
+    return typing.get_origin(hint) in (typing.Union, types.UnionType)
+
+
+def _describe(hint: Any) -> str:
+    if _is_union(hint):
+        return " or ".join(_describe(h) for h in typing.get_args(hint) if h is not type(None))
+    if typing.get_origin(hint) is Literal:
+        return "one of " + ", ".join(repr(v) for v in typing.get_args(hint))
+    if hint is Secret:
+        return "a string (secret)"
+    return {str: "a string", int: "an integer", float: "a number", bool: "true or false"}.get(
+        hint, getattr(hint, "__name__", str(hint))
+    )
+
+
+def _shown(value: Any, hint: Any) -> str:
+    secret = Secret in (typing.get_args(hint) if _is_union(hint) else (hint,))
+    return "" if secret else f", got {value!r}"
+
+
+def _reject_unknown(table: Mapping[str, Any], known: typing.Iterable[str], path: str) -> None:
+    for key in table:
+        if key not in known:
+            raise ConfigError(f"{path}.{key}" if path else key, "unknown key")
+
+
+def _table(data: Mapping[str, Any], name: str) -> Mapping[str, Any]:
+    table = data.get(name, {})
+    if not isinstance(table, dict):
+        raise ConfigError(name, "must be a table")
+    return table

@@ -1,0 +1,50 @@
+"""The signed order-detail query over HTTP: the one place network errors are translated."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import httpx
+
+from bridge import providers
+from bridge.config import Account
+from bridge.errors import OrderNotFound, ProviderUnavailable
+from bridge.orders import OrderSnapshot
+from bridge.providers.base import ProviderResponse
+
+
+async def query_orders(
+    http: httpx.AsyncClient, account: Account, order_ids: Sequence[str]
+) -> list[OrderSnapshot]:
+    """The orders the provider confirms, of `order_ids` (at most the provider's `max_batch`)."""
+    provider = providers.get(account.provider)
+    request = provider.build_query(account, order_ids)
+
+    def unavailable(problem: str) -> ProviderUnavailable:
+        return ProviderUnavailable(account.provider, account.name, list(order_ids), problem)
+
+    try:
+        response = await http.post(
+            request.url,
+            content=request.content,
+            headers=dict(request.headers),
+            timeout=account.query_timeout,
+        )
+    except httpx.TimeoutException:
+        raise unavailable(f"no answer within {account.query_timeout:g}s") from None
+    except httpx.HTTPError as exc:
+        # The message names the host and the OS error only; credentials travel in bodies.
+        raise unavailable(f"unreachable: {type(exc).__name__}: {exc}") from None
+    answer = ProviderResponse(
+        status_code=response.status_code,
+        content_type=response.headers.get("content-type", ""),
+        content=response.content,
+    )
+    return provider.parse_query(account, order_ids, answer)
+
+
+async def query_order(http: httpx.AsyncClient, account: Account, order_id: str) -> OrderSnapshot:
+    """One order as the provider confirms it; `OrderNotFound` when it does not know it."""
+    for snapshot in await query_orders(http, account, [order_id]):
+        return snapshot
+    raise OrderNotFound(account.provider, account.name, order_id, "the provider does not know it")

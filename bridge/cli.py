@@ -23,6 +23,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    # aiokafka logs every failed reconnect (ten a second while Kafka is away); the
+    # bridge says once what is wrong, and /readyz tells.
+    logging.getLogger("aiokafka").setLevel(logging.WARNING if args.verbose else logging.CRITICAL)
     try:
         return int(args.run(args))
     except ConfigError as exc:
@@ -51,8 +54,23 @@ def _parser() -> argparse.ArgumentParser:
     _add_config_option(query)
     query.set_defaults(run=_query)
 
+    for name, receiver, worker, text in (
+        ("serve", True, True, "run the receiver and the worker in one process (the usual run)"),
+        ("receiver", True, False, "run only the receiver: callbacks into the inbox"),
+        ("worker", False, True, "run only the worker: inbox hints into status events"),
+    ):
+        command = commands.add_parser(name, help=text)
+        _add_config_option(command)
+        command.set_defaults(run=_serve, receiver=receiver, worker=worker)
+
+    tail = commands.add_parser("tail", help="follow the status topic, one line an event")
+    tail.add_argument("--from-beginning", action="store_true", help="start at the oldest event")
+    _add_config_option(tail)
+    tail.set_defaults(run=_tail)
+
     dev = commands.add_parser("dev", help="everything on this machine, no setup: a demo")
     dev.add_argument("--once", action="store_true", help="exit when the demo story is done")
+    dev.add_argument("--port", type=int, default=0, help="the bridge's HTTP port (default: free)")
     dev.set_defaults(run=_dev)
     return parser
 
@@ -75,8 +93,23 @@ def _query(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from bridge import service
+
+    config = load_config(args.config)
+    asyncio.run(service.run(config, receiver=args.receiver, worker=args.worker))
+    return 0
+
+
+def _tail(args: argparse.Namespace) -> int:
+    from bridge.tail import tail
+
+    asyncio.run(tail(load_config(args.config).kafka, from_beginning=args.from_beginning))
+    return 0
+
+
 def _dev(args: argparse.Namespace) -> int:
     from bridge import dev
 
-    asyncio.run(dev.run(once=args.once))
+    asyncio.run(dev.run(once=args.once, port=args.port))
     return 0

@@ -35,6 +35,8 @@ class KafkaSettings:
     deadletter_topic: str = "order-bridge.deadletter.v1"
     state_topic: str = "order-bridge.state.v1"
     partitions: int = 12
+    # Used with `partitions` when the bridge creates topics: 1 for a single-broker cluster.
+    replication_factor: int = 3
     enable_idempotence: bool = True
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
     sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
@@ -47,6 +49,35 @@ class KafkaSettings:
 class HttpSettings:
     host: str = "127.0.0.1"
     port: int = 8080
+    # Larger callback bodies get 413; enforced while reading.
+    max_body_bytes: int = 65536
+    # Seconds to wait for Kafka to ack an inbox write before answering 503.
+    inbox_timeout: float = 5.0
+    # The Retry-After of a 503, in seconds.
+    retry_after: int = 5
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    # The Kafka consumer group of the workers, on the inbox topic.
+    group_id: str = "order-bridge"
+    # Hints taken from the inbox and not yet finished; past this the worker stops fetching.
+    max_in_flight: int = 1000
+    # Seconds a hint may spend on transient errors before it is dead-lettered.
+    retry_budget: float = 900.0
+    # Backoff between attempts: doubles from `retry_initial` up to `retry_max` seconds, jittered.
+    retry_initial: float = 1.0
+    retry_max: float = 60.0
+    # How often a lower-ranked (stale) answer is asked again before the hint is left.
+    stale_retries: int = 3
+    # Seconds between offset commits.
+    commit_interval: float = 1.0
+    # Consumer group liveness, in seconds.
+    session_timeout: float = 10.0
+    heartbeat_interval: float = 3.0
+    # On SIGTERM or a rebalance: seconds in-flight hints get to finish before they are
+    # handed back (another worker, or this one after restart, does them again).
+    drain_timeout: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -62,6 +93,8 @@ class Account:
     callback_ack: str | None = None
     # Seconds one order-detail query may take before it counts as failed.
     query_timeout: float = 10.0
+    # Order-detail queries to this account at once.
+    max_concurrent_queries: int = 4
 
 
 # The keys an [[accounts]] table may hold besides its provider's own settings.
@@ -72,6 +105,7 @@ _ACCOUNT_KEYS = frozenset(f.name for f in dataclasses.fields(Account)) - {"setti
 class Config:
     kafka: KafkaSettings = field(default_factory=KafkaSettings)
     http: HttpSettings = field(default_factory=HttpSettings)
+    worker: WorkerSettings = field(default_factory=WorkerSettings)
     accounts: tuple[Account, ...] = ()
 
     def account(self, provider: str, name: str) -> Account:
@@ -97,7 +131,7 @@ def load_config(path: str | os.PathLike[str] | None = None) -> Config:
 
 def parse_config(data: Mapping[str, Any], env: Mapping[str, str] | None = None) -> Config:
     env = os.environ if env is None else env
-    _reject_unknown(data, {"kafka", "http", "accounts"}, "")
+    _reject_unknown(data, {"kafka", "http", "worker", "accounts"}, "")
     accounts = data.get("accounts", [])
     if not isinstance(accounts, list):
         raise ConfigError("accounts", "must be an array of tables: [[accounts]]")
@@ -110,6 +144,7 @@ def parse_config(data: Mapping[str, Any], env: Mapping[str, str] | None = None) 
     return Config(
         kafka=build(KafkaSettings, _table(data, "kafka"), "kafka", env),
         http=build(HttpSettings, _table(data, "http"), "http", env),
+        worker=build(WorkerSettings, _table(data, "worker"), "worker", env),
         accounts=parsed,
     )
 

@@ -1,24 +1,33 @@
-"""`order-bridge dev`: the sandbox providers and demo accounts on this machine, no setup."""
+"""`order-bridge dev`: the whole bridge on one machine with no setup, and a short story.
+
+It starts the embedded broker, the sandbox providers with demo accounts, and the
+bridge, then plays callbacks (a duplicate, a forged success, a refund, a bad
+signature) and prints each event as it arrives.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import signal
 import tempfile
+import time
+from collections import defaultdict
+from collections.abc import AsyncIterator
 from decimal import Decimal
 from pathlib import Path
 
 import httpx
 
-from bridge.config import Account, load_config
+from bridge.broker import embedded_broker, free_port
+from bridge.config import Account, Config, load_config
 from bridge.providers.kasushou import KasushouSettings
 from bridge.providers.lemft import LemftSettings
 from bridge.providers.lunpay import LunpaySettings
-from bridge.query import query_order
 from bridge.redact import Secret
 from bridge.sandbox import Sandbox
 from bridge.servers import serve
+from bridge.service import Bridge, wait_for_signal
+from bridge.tail import Event, follow
 
 # Demo credentials: fake, known only to the sandbox on this machine.
 _DEMO_SECRETS = {
@@ -28,8 +37,19 @@ _DEMO_SECRETS = {
 }
 
 _CONFIG = """\
-# Written by `order-bridge dev`: demo accounts at the sandbox providers.
+# Written by `order-bridge dev`: the embedded broker and demo accounts at the sandbox.
 # Secrets are read from files next to this one, never written here.
+[kafka]
+bootstrap_servers = "{bootstrap}"
+enable_idempotence = false   # the embedded broker has no idempotent producer
+replication_factor = 1
+
+[http]
+port = {port}
+
+[worker]
+retry_budget = 60
+
 [[accounts]]
 name = "lemft-demo"
 provider = "lemft"
@@ -80,63 +100,184 @@ def demo_accounts() -> list[Account]:
     ]
 
 
-def write_config(directory: Path, sandbox_url: str) -> Path:
-    """A config file for the demo accounts at `sandbox_url`, its secrets in files beside it."""
+def write_config(directory: Path, *, sandbox_url: str, bootstrap: str, port: int) -> Path:
+    """The dev config file, its secrets in files beside it."""
     for name, value in _DEMO_SECRETS.items():
         path = directory / name
         path.write_text(value + "\n", encoding="utf-8")
         path.chmod(0o600)
     config = directory / "order-bridge-dev.toml"
-    config.write_text(_CONFIG.format(url=sandbox_url, dir=directory), encoding="utf-8")
+    text = _CONFIG.format(url=sandbox_url, dir=directory, bootstrap=bootstrap, port=port)
+    config.write_text(text, encoding="utf-8")
     return config
 
 
-async def run(*, once: bool = False) -> None:
+async def run(*, once: bool = False, port: int = 0) -> None:
     sandbox = Sandbox(demo_accounts())
-    with tempfile.TemporaryDirectory(prefix="order-bridge-dev-") as tmp:
-        async with serve(sandbox.app) as url:
-            config_path = write_config(Path(tmp), url)
-            accounts = {account.name: account for account in load_config(config_path).accounts}
-            print(f"sandbox providers at {url}; demo config at {config_path}")
-            orders = [
-                sandbox.create_order("lemft-demo", amount=Decimal("20.00"), currency="USD"),
-                sandbox.create_order("lunpay-demo", amount=Decimal("375.28"), currency="USD"),
-                sandbox.create_order("kasushou-demo", amount=Decimal("99.50"), currency="CNY"),
-            ]
-            async with httpx.AsyncClient() as http:
-                for order in orders:
-                    snapshot = await query_order(http, accounts[order.account], order.order_id)
-                    amount = f"{snapshot.amount} {snapshot.currency}".strip()
-                    print(
-                        f"{snapshot.key}  {snapshot.status}  {amount}"
-                        f"  (provider code {snapshot.provider_status.code})"
-                    )
-            print("\nTry it yourself (in another shell, while this runs):")
-            for order in orders:
-                provider = accounts[order.account].provider
-                print(
-                    f"  .venv/bin/order-bridge query --config {config_path} "
-                    f"{provider} {order.account} {order.order_id}"
-                )
-            print(
-                "  curl -s -X POST "
-                f"{url}/_sandbox/orders/{orders[0].account}/{orders[0].order_id} "
-                "-H 'content-type: application/json' -d '{\"status\": 1}'"
+    async with contextlib.AsyncExitStack() as stack:
+        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="order-bridge-dev-")))
+        broker = await stack.enter_async_context(embedded_broker())
+        sandbox_url = await stack.enter_async_context(serve(sandbox.app))
+        config_path = write_config(
+            tmp,
+            sandbox_url=sandbox_url,
+            bootstrap=broker.bootstrap_servers,
+            port=port or free_port(),
+        )
+        config = load_config(config_path)
+        print(f"embedded Kafka broker   {broker.bootstrap_servers}")
+        print(f"sandbox providers       {sandbox_url}")
+        print(f"config                  {config_path}")
+        print("starting the bridge (joining the consumer group takes a few seconds)...")
+        bridge = await stack.enter_async_context(Bridge(config))
+        print(f"bridge                  {bridge.url}\n")
+        events = await stack.enter_async_context(EventLog.following(config))
+        async with httpx.AsyncClient(timeout=10) as http:
+            story = Story(sandbox, bridge, http, events)
+            await story.play()
+        print_try_it(bridge.url or "", sandbox_url, config_path, story)
+        print("demo story done", flush=True)
+        if not once:
+            print("Events keep printing here. Ctrl-C to stop.", flush=True)
+            await wait_for_signal()
+
+
+class EventLog:
+    """Prints every status event as it arrives and lets the story wait for them."""
+
+    def __init__(self) -> None:
+        self._counts: dict[str, int] = defaultdict(int)
+        self._changed = asyncio.Condition()
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def following(cls, config: Config) -> AsyncIterator[EventLog]:
+        log = cls()
+        async with follow(config.kafka, from_beginning=True) as events:
+            task = asyncio.create_task(log._consume(events))
+            try:
+                yield log
+            finally:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+
+    async def _consume(self, events: AsyncIterator[Event]) -> None:
+        async for event in events:
+            print(f"  event  {event.describe()}", flush=True)
+            async with self._changed:
+                self._counts[event.key] += 1
+                self._changed.notify_all()
+
+    async def wait(self, key: str, count: int, timeout: float = 30.0) -> None:
+        async with self._changed:
+            await asyncio.wait_for(
+                self._changed.wait_for(lambda: self._counts[key] >= count), timeout
             )
-            print("demo story done")
-            if not once:
-                print("Ctrl-C to stop.")
-                await _wait_for_stop()
+
+    def count(self, key: str) -> int:
+        return self._counts[key]
 
 
-async def _wait_for_stop() -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    try:
-        await stop.wait()
-    finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            with contextlib.suppress(Exception):
-                loop.remove_signal_handler(sig)
+class Story:
+    """The scripted demo: each step says what it does, then shows what the bridge made of it."""
+
+    def __init__(
+        self, sandbox: Sandbox, bridge: Bridge, http: httpx.AsyncClient, events: EventLog
+    ) -> None:
+        self.sandbox = sandbox
+        self.bridge = bridge
+        self.accounts = {a.provider: a.name for a in bridge.config.accounts}
+        self.http = http
+        self.events = events
+        self.orders: dict[str, str] = {}
+
+    async def play(self) -> None:
+        lemft = self.create("lemft", 0, Decimal("20.00"))
+        await self.step("lemft: a card order is created; its callback arrives", "lemft", lemft)
+        self.sandbox.set_status("lemft-demo", lemft, 1)
+        await self.step("lemft: the order completes; its callback arrives", "lemft", lemft)
+        await self.step("lemft: the same callback again, as providers do", "lemft", lemft)
+
+        lunpay = self.create("lunpay", 1, Decimal("375.28"))
+        await self.step(
+            "lunpay: a forged callback claims 'completed' while lunpay says awaiting payment",
+            "lunpay",
+            lunpay,
+            claimed=4,
+        )
+
+        kasushou = self.create("kasushou", 3, Decimal("99.50"))
+        await self.step(
+            "kasushou: a card-code order succeeds; signed callback", "kasushou", kasushou
+        )
+        self.sandbox.set_status("kasushou-demo", kasushou, 5)
+        await self.step("kasushou: the order is refunded", "kasushou", kasushou)
+        print("\n> kasushou: a callback with a bad signature", flush=True)
+        body, content_type = self.sandbox.callback("kasushou-demo", kasushou, bad_sign=True)
+        answer = await self.post("kasushou", body, content_type)
+        print(f"  HTTP {answer.status_code}: kept in the dead-letter topic, no event", flush=True)
+
+    def create(self, provider: str, status: int, amount: Decimal) -> str:
+        order = self.sandbox.create_order(self.accounts[provider], status=status, amount=amount)
+        self.orders[provider] = order.order_id
+        return order.order_id
+
+    async def step(
+        self, title: str, provider: str, order_id: str, claimed: int | None = None
+    ) -> None:
+        """Posts a callback, waits until the bridge has handled it, shows the outcome."""
+        print(f"\n> {title}", flush=True)
+        metrics = self.bridge.metrics
+        key = f"{provider}/{self.accounts[provider]}/{order_id}"
+        events_before = self.events.count(key)
+        hints_before = metrics.total("order_bridge_hints_total")
+        published_before = metrics.total("order_bridge_events_published_total")
+        body, content_type = self.sandbox.callback(
+            self.accounts[provider], order_id, status=claimed
+        )
+        answer = await self.post(provider, body, content_type)
+        print(f"  HTTP {answer.status_code} {answer.text!r}", flush=True)
+        deadline = time.monotonic() + 30
+        while metrics.total("order_bridge_hints_total") == hints_before:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the bridge did not handle the callback for {key}")
+            await asyncio.sleep(0.05)
+        if metrics.total("order_bridge_events_published_total") > published_before:
+            await self.events.wait(key, events_before + 1)
+        else:
+            print("  no event: the provider confirms nothing changed", flush=True)
+
+    async def post(self, provider: str, body: bytes, content_type: str) -> httpx.Response:
+        return await self.http.post(
+            f"{self.bridge.url}/callbacks/{provider}/{self.accounts[provider]}",
+            content=body,
+            headers={"content-type": content_type},
+        )
+
+
+def print_try_it(bridge_url: str, sandbox_url: str, config_path: Path, story: Story) -> None:
+    lunpay = story.orders["lunpay"]
+    print(
+        f"""
+Try it yourself, in another shell, while this runs:
+  # move the lunpay order to completed at the provider, then tell the bridge
+  curl -s -X POST {sandbox_url}/_sandbox/orders/lunpay-demo/{lunpay} \\
+       -H 'content-type: application/json' -d '{{"status": 4}}'
+  curl -s -X POST {bridge_url}/callbacks/lunpay/lunpay-demo \\
+       -H 'content-type: application/json' -d '{{"order_no": "{lunpay}"}}'
+  # a new order at the provider (note the order_id it answers), then its signed callback
+  curl -s -X POST {sandbox_url}/_sandbox/orders \\
+       -H 'content-type: application/json' -d '{{"account": "kasushou-demo", "status": 3}}'
+  curl -s -X POST {sandbox_url}/_sandbox/callbacks -H 'content-type: application/json' \\
+       -d '{{"account": "kasushou-demo", "order_id": "ORDER_ID",
+            "url": "{bridge_url}/callbacks/kasushou/kasushou-demo"}}'
+  # ask the bridge to follow an order whose callback never comes
+  curl -s -X POST {bridge_url}/orders/watch -H 'content-type: application/json' \\
+       -d '{{"provider": "lunpay", "account": "lunpay-demo", "order_id": "{lunpay}"}}'
+  # one signed query, and the events as they come
+  .venv/bin/order-bridge query --config {config_path} lunpay lunpay-demo {lunpay}
+  .venv/bin/order-bridge tail --config {config_path} --from-beginning
+  curl -s {bridge_url}/metrics
+"""
+    )

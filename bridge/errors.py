@@ -57,10 +57,14 @@ class CallbackRejected(BridgeError):
 
     status_code = 400
 
-    def __init__(self, provider: str, account: str, reason: str) -> None:
+    def __init__(
+        self, provider: str, account: str, reason: str, order_id: str | None = None
+    ) -> None:
         self.provider = provider
         self.account = account
         self.reason = reason
+        # The order the callback named, when it could be read.
+        self.order_id = order_id
         super().__init__(f"{provider}/{account}: callback rejected: {reason}")
 
 

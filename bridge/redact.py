@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import urllib.parse
 from typing import Any
 
 import orjson
@@ -74,3 +76,83 @@ def _is_secret_field(name: str) -> bool:
     # Form keys in PHP style name nested fields as `card_list[0][card_no]`.
     leaf = name.rsplit("[", 1)[-1].rstrip("]")
     return leaf in SECRET_FIELDS
+
+
+# A JSON string, possibly cut off at the end of the text. Possessive, so that a scan over
+# a body full of quotes and backslashes stays linear.
+_JSON_STRING = r'"(?:[^"\\]|\\.|\\\Z)*+(?:"|\Z)'
+# A member `"name": value` whose value is a string or a number, or else any other string:
+# matching every string keeps the scan from ever starting inside one.
+_JSON_MEMBER = re.compile(
+    rf"(?P<name>{_JSON_STRING})(?P<colon>\s*:\s*)(?P<value>{_JSON_STRING}|-?\d[\d.eE+-]*)"
+    rf"|{_JSON_STRING}",
+    re.DOTALL,
+)
+
+
+def mask_text(text: str) -> str:
+    """`text` with the values of secret fields masked, for a body that may not even parse.
+
+    Finds JSON members (`"card_no": "..."`, also numbers and nested JSON text), form
+    pairs (`card_no=...`, `card_list[0][card_password]=...`, percent-encoded or not)
+    and JSON inside form values. Card numbers keep their last four digits.
+    """
+    return _mask_form(_mask_json(text))
+
+
+def _mask_json(text: str) -> str:
+    return _JSON_MEMBER.sub(_masked_member, text)
+
+
+def _masked_member(match: re.Match[str]) -> str:
+    name, value = match["name"], match["value"]
+    if name is None:
+        return match[0]
+    field = _secret_leaf(_json_text(name))
+    if field is not None:
+        masked = mask_value(field, _json_text(value))
+        return f"{name}{match['colon']}{orjson.dumps(masked).decode()}"
+    if value.startswith('"') and '\\"' in value:
+        # JSON written into a string: `"card_list": "[{\"card_no\": ...}]"`.
+        inner = _json_text(value)
+        masked = _mask_json(inner)
+        if masked != inner:
+            return f"{name}{match['colon']}{orjson.dumps(masked).decode()}"
+    return match[0]
+
+
+def _json_text(token: str) -> str:
+    """The text of a JSON string or number token; a string cut off is taken as it is."""
+    if not token.startswith('"'):
+        return token
+    try:
+        text = orjson.loads(token)
+    except orjson.JSONDecodeError:
+        return token[1:].removesuffix('"')
+    return text if isinstance(text, str) else token
+
+
+def _mask_form(text: str) -> str:
+    pairs = text.split("&")
+    for i, pair in enumerate(pairs):
+        name, equals, value = pair.partition("=")
+        if not equals:
+            continue
+        decoded = urllib.parse.unquote_plus(value)
+        field = _secret_leaf(urllib.parse.unquote_plus(name))
+        if field is not None:
+            masked = mask_value(field, decoded)
+        elif decoded != value:
+            # Percent-encoded JSON, such as kasushou's card_list in a form callback.
+            masked = _mask_json(decoded)
+        else:
+            continue  # raw JSON in the text has been masked already
+        if masked != decoded:
+            pairs[i] = f"{name}={urllib.parse.quote_plus(masked, safe='*')}"
+    return "&".join(pairs)
+
+
+def _secret_leaf(name: str) -> str | None:
+    """The secret field `name` stands for, in lower case; `None` when it is not one."""
+    leaf = name.rsplit("[", 1)[-1].rstrip("]").strip().lower()
+    return leaf if leaf in SECRET_FIELDS else None

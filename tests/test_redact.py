@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import json
+import time
+import urllib.parse
 
-from bridge.redact import Secret, mask_secrets
+import pytest
+
+from bridge.redact import Secret, mask_secrets, mask_text
 
 
 def test_secret_hides_its_value() -> None:
@@ -45,3 +49,80 @@ def test_masks_inside_json_text() -> None:
 def test_leaves_other_text_alone() -> None:
     payload = {"note": "[not json", "hint": "{also not}", "n": 3}
     assert mask_secrets(payload) == payload
+
+
+CARD = "6212345678901234"
+PASSWORD = "4821-0937"
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        json.dumps({"ordersn": "D1", "card_list": [{"card_no": CARD, "card_password": PASSWORD}]}),
+        # Cut off, as a malformed body may be.
+        f'{{"ordersn": "D1", "card_list": [{{"card_no": "{CARD}", "card_password": "{PASSWORD}',
+        # JSON written into a JSON string.
+        json.dumps({"card_list": json.dumps([{"card_no": CARD, "card_password": PASSWORD}])}),
+        # Form, with the list as percent-encoded JSON (kasushou) or raw JSON.
+        urllib.parse.urlencode(
+            {"card_list": json.dumps([{"card_no": CARD, "card_password": PASSWORD}])}
+        ),
+        f'card_list=[{{"card_no":"{CARD}","card_password":"{PASSWORD}"}}]&sign=x',
+        # PHP-style keys, percent-encoded or not.
+        urllib.parse.urlencode(
+            {"card_list[0][card_no]": CARD, "card_list[0][card_password]": PASSWORD}
+        ),
+        f"card_list[0][card_no]={CARD}&card_list[0][card_password]={PASSWORD}",
+    ],
+)
+def test_mask_text_masks_json_form_and_json_inside_form(text: str) -> None:
+    masked = mask_text(text)
+    assert PASSWORD not in masked
+    assert CARD not in masked
+    assert "1234" in masked  # the card's last four digits stay
+
+
+def test_mask_text_masks_every_secret_field_and_numbers() -> None:
+    text = json.dumps(
+        {
+            "cvv": 123,
+            "cvc": "456",
+            "pin": 9876,
+            "key": "k-1",
+            "secret": "s-1",
+            "api_key": "a-1",
+            "card_number": int(CARD),
+            "CVV2": "kept",
+            "monkey": "kept",
+        }
+    )
+    masked = json.loads(mask_text(text))
+    assert masked == {
+        "cvv": "******",
+        "cvc": "******",
+        "pin": "******",
+        "key": "******",
+        "secret": "******",
+        "api_key": "******",
+        "card_number": "************1234",
+        "CVV2": "kept",
+        "monkey": "kept",
+    }
+    form = mask_text("pin=1234&CVV=999&amount=1.00&note=a+b")
+    assert form == "pin=******&CVV=******&amount=1.00&note=a+b"
+
+
+def test_mask_text_leaves_other_text_and_is_idempotent() -> None:
+    text = '{"ordersn": "D1", "note": "a=b&c", "list": ["x", "y"], "status": 3}'
+    assert mask_text(text) == text
+    masked = mask_text(json.dumps({"card_no": CARD, "card_password": PASSWORD}))
+    assert mask_text(masked) == masked
+
+
+@pytest.mark.parametrize(
+    "text", ['"\\"' * 20_000, '"' + "a" * 60_000, '{"a":' * 12_000, "&=" * 30_000]
+)
+def test_mask_text_stays_fast_on_hostile_input(text: str) -> None:
+    started = time.perf_counter()
+    mask_text(text)
+    assert time.perf_counter() - started < 0.5

@@ -170,8 +170,8 @@ class Kasushou:
         order_id = require_text(account, callback.fields, "ordersn")
         rule = verify_callback(callback.fields, account.settings.api_key)
         if rule is None:
-            raise BadSignature(self.name, account.name, f"sign does not match (order {order_id})")
-        log.info("kasushou callback for %s/%s signed by the %s rule", account.name, order_id, rule)
+            raise BadSignature(self.name, account.name, "sign does not match", order_id)
+        log.debug("kasushou callback for %s/%s signed by the %s rule", account.name, order_id, rule)
         return hint(callback, order_id, signature_rule=rule)
 
 

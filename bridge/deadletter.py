@@ -1,0 +1,54 @@
+"""The dead-letter record: what could not be confirmed or accepted, with the reason.
+
+Records that carry the inbox record they came from can be replayed: written back
+to the inbox with trigger `replay`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import orjson
+
+from bridge.events import iso, utc_now
+from bridge.inbox import InboxRecord
+
+Reason = Literal[
+    # Callbacks refused at the door (the record holds the masked body).
+    "malformed",
+    "bad_signature",
+    "too_large",
+    "unsupported_media_type",
+    # Hints the worker could not confirm (the record holds the inbox record).
+    "unconfirmed",  # transient errors until the retry budget ran out
+    "rejected",  # a permanent provider error
+    "not_found",
+    "unreadable",  # an inbox record that cannot be decoded
+]
+
+
+def dead_letter(
+    reason: Reason,
+    detail: str,
+    *,
+    provider: str,
+    account: str,
+    order_id: str | None = None,
+    record: InboxRecord | None = None,
+    body: str | None = None,
+    attempts: int = 0,
+) -> tuple[bytes, list[tuple[str, bytes]]]:
+    """The value and headers of a dead-letter record. Nothing here may hold a secret."""
+    value: dict[str, Any] = {
+        "reason": reason,
+        "detail": detail,
+        "provider": provider,
+        "account": account,
+        "order_id": order_id,
+        "at": iso(utc_now()),
+        "attempts": attempts,
+        "record": None if record is None else record.to_json(),
+    }
+    if body is not None:
+        value["body"] = body
+    return orjson.dumps(value), [("reason", reason.encode())]

@@ -1,0 +1,86 @@
+"""The status event: what consumers of `order-status.v1` read.
+
+CloudEvents 1.0 in Kafka binary mode: the attributes are `ce_*` headers and the
+value is the JSON document. The event id is derived from the change itself, so
+re-publishing a change after a crash gives the same `ce_id`.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Literal
+
+import orjson
+
+from bridge.orders import OrderSnapshot, Status
+
+Trigger = Literal["callback", "watch", "poll", "replay"]
+TRIGGERS: tuple[Trigger, ...] = ("callback", "watch", "poll", "replay")
+
+EVENT_TYPE = "order.status.changed"
+# Event ids are UUIDv5 names under this namespace.
+_EVENT_NAMESPACE = uuid.UUID("3f7f8c1e-2b8e-5d5c-9a51-6f1c0c4e8a10")
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+def iso(moment: datetime) -> str:
+    """UTC, ISO 8601, milliseconds, `Z`: `2026-11-22T10:00:00.123Z`."""
+    return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+@dataclass(frozen=True)
+class StatusEvent:
+    snapshot: OrderSnapshot
+    previous_status: Status | None
+    # The id of the order's previous event: chaining ids keeps them unique per change.
+    previous_event_id: str | None
+    trigger: Trigger
+    observed_at: datetime
+
+    @property
+    def id(self) -> str:
+        s = self.snapshot
+        change = "\n".join(
+            (s.key, self.previous_event_id or "", s.status.value, str(s.provider_status.code))
+        )
+        return str(uuid.uuid5(_EVENT_NAMESPACE, change))
+
+    @property
+    def source(self) -> str:
+        return f"order-bridge/{self.snapshot.provider}/{self.snapshot.account}"
+
+    def headers(self) -> list[tuple[str, bytes]]:
+        return [
+            ("ce_specversion", b"1.0"),
+            ("ce_id", self.id.encode()),
+            ("ce_source", self.source.encode()),
+            ("ce_type", EVENT_TYPE.encode()),
+            ("ce_subject", self.snapshot.order_id.encode()),
+            ("ce_time", iso(self.observed_at).encode()),
+            ("content-type", b"application/json"),
+        ]
+
+    def value(self) -> bytes:
+        s = self.snapshot.to_json()
+        previous = None if self.previous_status is None else self.previous_status.value
+        # The contract's field order, so a record reads the same in every tool.
+        document = {
+            "provider": s["provider"],
+            "account": s["account"],
+            "order_id": s["order_id"],
+            "external_order_id": s["external_order_id"],
+            "status": s["status"],
+            "previous_status": previous,
+            "provider_status": s["provider_status"],
+            "amount": s["amount"],
+            "currency": s["currency"],
+            "observed_at": iso(self.observed_at),
+            "trigger": self.trigger,
+            "details": s["details"],
+        }
+        return orjson.dumps(document)

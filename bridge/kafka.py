@@ -1,0 +1,145 @@
+"""Kafka plumbing shared by the receiver and the worker: client options, topics, the producer."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from aiokafka import AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import KafkaError
+from aiokafka.helpers import create_ssl_context
+from aiokafka.structs import RecordMetadata
+
+from bridge.config import KafkaSettings
+from bridge.errors import StartupError
+
+log = logging.getLogger(__name__)
+
+CLIENT_ID = "order-bridge"
+
+
+def client_options(settings: KafkaSettings) -> dict[str, Any]:
+    """Connection options common to every aiokafka client of the bridge."""
+    options: dict[str, Any] = {
+        "bootstrap_servers": settings.bootstrap_servers,
+        "client_id": CLIENT_ID,
+        "security_protocol": settings.security_protocol,
+    }
+    if settings.sasl_mechanism:
+        options["sasl_mechanism"] = settings.sasl_mechanism
+        options["sasl_plain_username"] = settings.sasl_username
+        if settings.sasl_password is not None:
+            options["sasl_plain_password"] = settings.sasl_password.reveal()
+    if settings.security_protocol in ("SSL", "SASL_SSL"):
+        options["ssl_context"] = create_ssl_context(cafile=settings.ssl_cafile)
+    return options
+
+
+async def ensure_topics(settings: KafkaSettings) -> None:
+    """Creates the bridge's topics when missing, and checks that their partitions line up.
+
+    Inbox, status and state must have the same partition count: the worker that owns
+    inbox partition p finds its orders' memory in state partition p.
+    """
+    admin = AIOKafkaAdminClient(**client_options(settings), request_timeout_ms=10_000)
+    try:
+        await admin.start()
+        existing = set(await admin.list_topics())
+        wanted = {
+            settings.inbox_topic: {},
+            settings.status_topic: {},
+            settings.deadletter_topic: {},
+            settings.state_topic: {"cleanup.policy": "compact"},
+        }
+        missing = [
+            NewTopic(name, settings.partitions, settings.replication_factor, topic_configs=configs)
+            for name, configs in wanted.items()
+            if name not in existing
+        ]
+        if missing:
+            response = await admin.create_topics(missing)
+            for name, code, *rest in response.topic_errors:
+                # 36: created meanwhile by another bridge process.
+                if code not in (0, 36):
+                    message = rest[0] if rest and rest[0] else f"error {code}"
+                    raise StartupError(f"cannot create topic {name}: {message}")
+            log.info("created topics %s", ", ".join(t.name for t in missing))
+        counts = await _partition_counts(admin, list(wanted))
+    except (KafkaError, OSError) as exc:
+        raise StartupError(
+            f"Kafka at {settings.bootstrap_servers} is not reachable: {type(exc).__name__}"
+        ) from None
+    finally:
+        await admin.close()
+    keyed = [settings.inbox_topic, settings.status_topic, settings.state_topic]
+    if len({counts[name] for name in keyed}) != 1:
+        found = ", ".join(f"{name} has {counts[name]}" for name in keyed)
+        raise StartupError(f"inbox, status and state topics need the same partition count: {found}")
+
+
+async def _partition_counts(admin: AIOKafkaAdminClient, topics: list[str]) -> dict[str, int]:
+    counts = {}
+    for description in await admin.describe_topics(topics):
+        name = description["topic"]
+        if description.get("error_code"):
+            raise StartupError(
+                f"topic {name} cannot be described (error {description['error_code']})"
+            )
+        counts[name] = len(description["partitions"])
+    return counts
+
+
+class Producer:
+    """The process's one Kafka producer: acks=all, idempotence as configured."""
+
+    def __init__(self, settings: KafkaSettings) -> None:
+        self._producer = AIOKafkaProducer(
+            **client_options(settings),
+            acks="all",
+            enable_idempotence=settings.enable_idempotence,
+            linger_ms=2,
+            request_timeout_ms=30_000,
+        )
+        self._started = False
+
+    async def start(self) -> None:
+        if self._started:
+            return
+        try:
+            await self._producer.start()
+        except (KafkaError, OSError) as exc:
+            await self._producer.stop()
+            raise StartupError(
+                f"Kafka producer cannot start: {type(exc).__name__}: {exc}"
+            ) from None
+        self._started = True
+
+    async def stop(self) -> None:
+        if self._started:
+            self._started = False
+            await self._producer.stop()
+
+    async def send(
+        self,
+        topic: str,
+        key: str,
+        value: bytes | None,
+        headers: list[tuple[str, bytes]] | None = None,
+        timeout: float | None = None,
+    ) -> RecordMetadata:
+        """Sends one record and waits for the broker's ack (at most `timeout` seconds).
+
+        A send that times out may still be delivered later: callers must tolerate that.
+        """
+        sent = self._producer.send_and_wait(topic, value, key=key.encode(), headers=headers)
+        metadata: RecordMetadata = await asyncio.wait_for(sent, timeout)
+        return metadata
+
+    async def reachable(self, timeout: float = 2.0) -> bool:
+        """Whether the cluster answers a metadata request now."""
+        try:
+            return bool(await asyncio.wait_for(self._producer.client.fetch_all_metadata(), timeout))
+        except (KafkaError, OSError, TimeoutError):
+            return False

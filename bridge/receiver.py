@@ -1,0 +1,287 @@
+"""The receiver: the HTTP side of the bridge.
+
+A callback is answered 200 only once its hint is acked in the inbox topic; when
+Kafka can't take it the answer is 503 with Retry-After, so the provider retries.
+Bodies that can never be accepted are answered 4xx and kept, masked, in the
+dead-letter topic. Logs name providers, accounts and orders, never a body or a
+header value.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import orjson
+from aiokafka.errors import KafkaError
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route
+
+from bridge import providers, redact
+from bridge.config import Account, Config
+from bridge.deadletter import Reason, dead_letter
+from bridge.errors import (
+    BadSignature,
+    CallbackRejected,
+    CallbackTooLarge,
+    MalformedCallback,
+    UnknownAccount,
+    UnsupportedMediaType,
+)
+from bridge.events import iso, utc_now
+from bridge.inbox import KEPT_HEADERS, InboxRecord
+from bridge.kafka import Producer
+from bridge.metrics import Metrics
+from bridge.providers.base import Provider, callback_ack
+
+log = logging.getLogger(__name__)
+
+Ready = Callable[[], Awaitable[list[str]]]
+
+METRICS_TYPE = "text/plain; version=0.0.4"
+MAX_ORDER_ID = 128
+UNAVAILABLE = "inbox unavailable, retry later"
+
+_REASONS: dict[type[CallbackRejected], Reason] = {
+    MalformedCallback: "malformed",
+    BadSignature: "bad_signature",
+    CallbackTooLarge: "too_large",
+    UnsupportedMediaType: "unsupported_media_type",
+}
+
+
+def create_app(config: Config, producer: Producer, metrics: Metrics, ready: Ready) -> Starlette:
+    receiver = Receiver(config, producer, metrics, ready)
+    return Starlette(
+        routes=[
+            Route("/callbacks/{provider}/{account}", receiver.callback, methods=["POST"]),
+            Route("/orders/watch", receiver.watch, methods=["POST"]),
+            Route("/healthz", healthz, methods=["GET"]),
+            Route("/readyz", receiver.readyz, methods=["GET"]),
+            Route("/metrics", receiver.metrics_text, methods=["GET"]),
+        ]
+    )
+
+
+class Receiver:
+    def __init__(self, config: Config, producer: Producer, metrics: Metrics, ready: Ready) -> None:
+        self.config = config
+        self.producer = producer
+        self.metrics = metrics
+        self.ready = ready
+
+    async def callback(self, request: Request) -> Response:
+        provider_name = request.path_params["provider"]
+        account_name = request.path_params["account"]
+        try:
+            provider, account = self._find(provider_name, account_name)
+        except UnknownAccount:
+            known = provider_name in providers.names()
+            label = provider_name if known else "unknown"
+            self._count_callback(label, "unknown", "unknown_account")
+            log.warning("callback refused: unknown provider or account in %s", _shown(request))
+            return PlainTextResponse(f"unknown {'account' if known else 'provider'}\n", 404)
+
+        body = await read_body(request, self.config.http.max_body_bytes)
+        try:
+            if body is None:
+                limit = self.config.http.max_body_bytes
+                raise CallbackTooLarge(provider.name, account.name, _too_large(request, limit))
+            hint = provider.parse_callback(account, body, dict(request.headers))
+        except CallbackRejected as exc:
+            return await self._reject(exc, body)
+
+        record = InboxRecord(
+            provider=provider.name,
+            account=account.name,
+            order_id=hint.order_id,
+            trigger="callback",
+            received_at=iso(utc_now()),
+            content_type=hint.content_type,
+            body=hint.stored_body.decode("utf-8", "replace"),
+            headers=_kept_headers(request),
+            claimed_status=hint.claimed_status,
+            signature_rule=hint.signature_rule,
+        )
+        if not await self._store(record):
+            self._count_callback(provider.name, account.name, "unavailable")
+            return PlainTextResponse(UNAVAILABLE + "\n", 503, self._retry_later())
+        self._count_callback(provider.name, account.name, "accepted")
+        log.info(
+            "callback accepted: %s/%s order %r (signature: %s)",
+            provider.name,
+            account.name,
+            hint.order_id,
+            hint.signature_rule or "none",
+        )
+        return PlainTextResponse(callback_ack(account, provider))
+
+    async def watch(self, request: Request) -> Response:
+        body = await read_body(request, self.config.http.max_body_bytes)
+        if body is None:
+            return self._watch_refused(413, "body too large", close=True)
+        try:
+            data = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            return self._watch_refused(400, "body is not valid JSON")
+        problem = _watch_problem(data)
+        if problem:
+            return self._watch_refused(400, problem)
+        try:
+            provider, account = self._find(data["provider"], data["account"])
+        except UnknownAccount:
+            self.metrics.inc("order_bridge_watch_requests_total", outcome="unknown_account")
+            log.warning("watch request refused: unknown provider or account")
+            return JSONResponse({"error": "unknown provider or account"}, 404)
+
+        record = InboxRecord(
+            provider=provider.name,
+            account=account.name,
+            order_id=data["order_id"].strip(),
+            trigger="watch",
+            received_at=iso(utc_now()),
+            headers=_kept_headers(request),
+        )
+        if not await self._store(record):
+            self.metrics.inc("order_bridge_watch_requests_total", outcome="unavailable")
+            return JSONResponse({"error": UNAVAILABLE}, 503, self._retry_later())
+        self.metrics.inc("order_bridge_watch_requests_total", outcome="accepted")
+        log.info("watch accepted: %s/%s order %r", provider.name, account.name, record.order_id)
+        return JSONResponse({"status": "accepted", "key": record.key}, 202)
+
+    async def readyz(self, request: Request) -> Response:
+        problems = await self.ready()
+        if problems:
+            return JSONResponse({"ready": False, "problems": problems}, 503)
+        return JSONResponse({"ready": True})
+
+    async def metrics_text(self, request: Request) -> Response:
+        return Response(self.metrics.render(), media_type=METRICS_TYPE)
+
+    def _find(self, provider_name: str, account_name: str) -> tuple[Provider, Account]:
+        if provider_name not in providers.names():
+            raise UnknownAccount(provider_name, account_name)
+        return providers.get(provider_name), self.config.account(provider_name, account_name)
+
+    async def _store(self, record: InboxRecord) -> bool:
+        """Writes `record` to the inbox; whether Kafka acked it within the inbox timeout."""
+        try:
+            await self.producer.send(
+                self.config.kafka.inbox_topic,
+                record.key,
+                record.encode(),
+                timeout=self.config.http.inbox_timeout,
+            )
+        except TimeoutError:
+            outcome, problem = "timeout", f"no ack within {self.config.http.inbox_timeout:g}s"
+        except (KafkaError, OSError) as exc:
+            outcome, problem = "error", type(exc).__name__
+        else:
+            self.metrics.inc("order_bridge_inbox_writes_total", outcome="ok")
+            return True
+        self.metrics.inc("order_bridge_inbox_writes_total", outcome=outcome)
+        log.warning("inbox write for %r failed (%s): answering 503", record.key, problem)
+        return False
+
+    async def _reject(self, exc: CallbackRejected, body: bytes | None) -> Response:
+        reason = _REASONS.get(type(exc), "malformed")
+        value, headers = dead_letter(
+            reason,
+            exc.reason,
+            provider=exc.provider,
+            account=exc.account,
+            order_id=exc.order_id,
+            # A body too large is not kept: the detail gives its size.
+            body=None if body is None else redact.mask_text(body.decode("utf-8", "replace")),
+        )
+        try:
+            await self.producer.send(
+                self.config.kafka.deadletter_topic,
+                f"{exc.provider}/{exc.account}",
+                value,
+                headers,
+                timeout=self.config.http.inbox_timeout,
+            )
+        except (TimeoutError, KafkaError, OSError) as error:
+            # The answer stays 4xx: no retry can make this body acceptable.
+            log.warning(
+                "dead-letter write for a %s callback of %s/%s failed: %s",
+                reason,
+                exc.provider,
+                exc.account,
+                type(error).__name__,
+            )
+        else:
+            self.metrics.inc("order_bridge_deadletters_total", reason=reason)
+        self._count_callback(exc.provider, exc.account, f"rejected_{exc.status_code}")
+        log.warning("callback rejected: %s/%s: %s", exc.provider, exc.account, reason)
+        # Unread bytes of a body too large are not drained: the connection closes instead.
+        headers_out = {"connection": "close"} if body is None else None
+        return PlainTextResponse(f"{reason}: {exc.reason}\n", exc.status_code, headers_out)
+
+    def _watch_refused(self, status: int, problem: str, close: bool = False) -> Response:
+        self.metrics.inc("order_bridge_watch_requests_total", outcome=f"rejected_{status}")
+        log.warning("watch request refused: %s", problem)
+        headers = {"connection": "close"} if close else None
+        return JSONResponse({"error": problem}, status, headers)
+
+    def _retry_later(self) -> dict[str, str]:
+        return {"retry-after": str(self.config.http.retry_after)}
+
+    def _count_callback(self, provider: str, account: str, outcome: str) -> None:
+        self.metrics.inc(
+            "order_bridge_callbacks_total", provider=provider, account=account, outcome=outcome
+        )
+
+
+async def healthz(request: Request) -> Response:
+    return PlainTextResponse("ok")
+
+
+async def read_body(request: Request, limit: int) -> bytes | None:
+    """The request body; `None` when it is over `limit` bytes, with reading stopped there."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        return None
+    chunks = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _too_large(request: Request, limit: int) -> str:
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit():
+        return f"body of {int(declared)} bytes is over the limit of {limit}"
+    return f"body is over the limit of {limit} bytes (reading stopped there)"
+
+
+def _watch_problem(data: Any) -> str | None:
+    if not isinstance(data, dict):
+        return "body must be a JSON object"
+    for name in ("provider", "account", "order_id"):
+        if not isinstance(data.get(name), str) or not data[name].strip():
+            return f"{name} must be a non-empty string"
+    if len(data["order_id"].strip()) > MAX_ORDER_ID:
+        return f"order_id is longer than {MAX_ORDER_ID} characters"
+    return None
+
+
+def _kept_headers(request: Request) -> dict[str, str]:
+    headers = {name: request.headers[name] for name in KEPT_HEADERS if name in request.headers}
+    if request.client is not None:
+        headers["remote_addr"] = request.client.host
+    return headers
+
+
+def _shown(request: Request, limit: int = 80) -> str:
+    """The request's path made fit for a log line: quoted, escaped and cut short."""
+    path = request.url.path
+    return repr(path[:limit] + ("..." if len(path) > limit else ""))

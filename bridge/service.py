@@ -1,0 +1,102 @@
+"""A running bridge: the receiver, the worker, or both, started and stopped in order."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+from types import TracebackType
+
+import httpx
+
+from bridge.config import Config
+from bridge.kafka import Producer, ensure_topics
+from bridge.metrics import Metrics
+from bridge.receiver import create_app
+from bridge.servers import serve
+from bridge.worker import Worker
+
+log = logging.getLogger(__name__)
+
+
+class Bridge:
+    """`async with Bridge(config) as bridge:` runs it; leaving the block shuts it down:
+    stop taking callbacks, finish or hand back in-flight hints, commit, close."""
+
+    def __init__(self, config: Config, *, receiver: bool = True, worker: bool = True) -> None:
+        self.config = config
+        self.metrics = Metrics()
+        self.producer = Producer(config.kafka)
+        self.worker: Worker | None = None
+        self.url: str | None = None
+        self._with_receiver = receiver
+        self._with_worker = worker
+        self._stack = contextlib.AsyncExitStack()
+
+    async def __aenter__(self) -> Bridge:
+        try:
+            await self._start()
+        except BaseException:
+            await self._stack.aclose()
+            raise
+        return self
+
+    async def _start(self) -> None:
+        await ensure_topics(self.config.kafka)
+        await self.producer.start()
+        self._stack.push_async_callback(self.producer.stop)
+        if self._with_worker:
+            http = await self._stack.enter_async_context(httpx.AsyncClient())
+            self.worker = Worker(self.config, self.producer, http, self.metrics)
+            await self.worker.start()
+            self._stack.push_async_callback(self.worker.stop)
+        if self._with_receiver:
+            app = create_app(self.config, self.producer, self.metrics, self.problems)
+            http_settings = self.config.http
+            self.url = await self._stack.enter_async_context(
+                serve(app, http_settings.host, http_settings.port)
+            )
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self._stack.aclose()
+
+    async def problems(self) -> list[str]:
+        """What keeps the bridge from being ready; empty when it is."""
+        found = []
+        if not await self.producer.reachable():
+            found.append(f"Kafka at {self.config.kafka.bootstrap_servers} is not reachable")
+        if self._with_worker and (self.worker is None or not self.worker.running):
+            found.append("the worker is not running")
+        return found
+
+
+async def run(config: Config, *, receiver: bool = True, worker: bool = True) -> None:
+    """Runs the bridge until SIGTERM or SIGINT; a second signal exits at once."""
+    async with Bridge(config, receiver=receiver, worker=worker) as bridge:
+        parts = " and ".join(p for p, on in (("receiver", receiver), ("worker", worker)) if on)
+        where = f" on {bridge.url}" if bridge.url else ""
+        log.warning("order-bridge %s running%s", parts, where)
+        await wait_for_signal()
+        log.warning("stopping: finishing in-flight work")
+
+
+async def wait_for_signal() -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def on_signal() -> None:
+        if stop.is_set():
+            log.error("second signal: exiting now")
+            os._exit(1)
+        stop.set()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, on_signal)
+    await stop.wait()

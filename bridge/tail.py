@@ -1,0 +1,73 @@
+"""`order-bridge tail`: the status topic, one readable line an event."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from bridge.config import KafkaSettings
+from bridge.kafka import client_options
+
+
+@dataclass(frozen=True)
+class Event:
+    key: str
+    headers: dict[str, str]
+    value: dict[str, Any]
+
+    def describe(self) -> str:
+        """`observed_at  key  previous -> status  amount currency  (code label, trigger)`."""
+        v = self.value
+        change = f"{v.get('previous_status') or 'new'} -> {v.get('status')}"
+        amount = f"{v.get('amount') or ''} {v.get('currency') or ''}".strip() or "-"
+        code = v.get("provider_status") or {}
+        return (
+            f"{v.get('observed_at')}  {self.key}  {change}  {amount}"
+            f"  (code {code.get('code')} {code.get('label')}, {v.get('trigger')})"
+        )
+
+
+@contextlib.asynccontextmanager
+async def follow(
+    settings: KafkaSettings, *, from_beginning: bool
+) -> AsyncIterator[AsyncIterator[Event]]:
+    """Yields an iterator over the status topic's events, as they arrive, without a group."""
+    consumer = AIOKafkaConsumer(
+        **client_options(settings), enable_auto_commit=False, fetch_max_wait_ms=100
+    )
+    await consumer.start()
+    try:
+        topic = settings.status_topic
+        partitions = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()]
+        consumer.assign(partitions)
+        if from_beginning:
+            await consumer.seek_to_beginning(*partitions)
+        else:
+            await consumer.seek_to_end(*partitions)
+        yield _events(consumer)
+    finally:
+        await consumer.stop()
+
+
+async def _events(consumer: AIOKafkaConsumer) -> AsyncIterator[Event]:
+    async for record in consumer:
+        try:
+            value = orjson.loads(record.value)
+        except (orjson.JSONDecodeError, TypeError):
+            continue
+        yield Event(
+            key=record.key.decode() if record.key else "",
+            headers={k: v.decode(errors="replace") for k, v in record.headers},
+            value=value,
+        )
+
+
+async def tail(settings: KafkaSettings, *, from_beginning: bool = False) -> None:
+    async with follow(settings, from_beginning=from_beginning) as events:
+        async for event in events:
+            print(event.describe(), flush=True)

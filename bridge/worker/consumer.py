@@ -1,0 +1,186 @@
+"""The worker: a member of the consumer group on the inbox topic.
+
+It takes hints from its partitions, runs each order's hints in order (different
+orders at once), and commits an offset only when every hint before it is done.
+On a rebalance or SIGTERM it gives in-flight hints `drain_timeout` seconds, then
+hands the rest back uncommitted: their next owner does them again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from functools import partial
+
+import httpx
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.errors import KafkaError
+from aiokafka.protocol.group import LeaveGroupRequest
+from aiokafka.structs import ConsumerRecord
+
+from bridge.config import Config
+from bridge.kafka import Producer, client_options
+from bridge.metrics import Metrics
+from bridge.state import StateStore
+from bridge.worker.confirm import Confirmer
+from bridge.worker.handler import HintHandler
+from bridge.worker.lanes import OrderLanes
+from bridge.worker.offsets import PartitionOffsets
+
+log = logging.getLogger(__name__)
+
+
+class Worker:
+    def __init__(
+        self, config: Config, producer: Producer, http: httpx.AsyncClient, metrics: Metrics
+    ) -> None:
+        self._config = config
+        self._metrics = metrics
+        settings = config.worker
+        self._consumer = AIOKafkaConsumer(
+            **client_options(config.kafka),
+            group_id=settings.group_id,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            session_timeout_ms=int(settings.session_timeout * 1000),
+            heartbeat_interval_ms=int(settings.heartbeat_interval * 1000),
+            fetch_max_wait_ms=100,
+        )
+        self._state = StateStore(config.kafka)
+        self._handler = HintHandler(
+            config, producer, self._state, Confirmer(http, settings, metrics), metrics
+        )
+        self._lanes: dict[int, OrderLanes] = {}
+        self._offsets: dict[int, PartitionOffsets] = {}
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+
+    @property
+    def running(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    @property
+    def in_flight(self) -> int:
+        return sum(offsets.in_flight for offsets in self._offsets.values())
+
+    async def start(self) -> None:
+        """Joins the group; hints flow once partitions are assigned and their state restored."""
+        if self._task is not None:
+            return
+        self._consumer.subscribe([self._config.kafka.inbox_topic], listener=_Rebalance(self))
+        await self._consumer.start()
+        self._task = asyncio.create_task(self._run(), name="worker")
+
+    async def stop(self) -> None:
+        """Stops fetching, lets in-flight hints finish (bounded), commits, leaves the group."""
+        if self._task is None:
+            return
+        self._stopping = True
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+        await self._release(list(self._lanes))
+        await self._leave_group()
+        await self._consumer.stop()
+        self._task = None
+
+    async def _run(self) -> None:
+        settings = self._config.worker
+        next_commit = time.monotonic() + settings.commit_interval
+        while not self._stopping:
+            self._apply_backpressure()
+            try:
+                batches = await self._consumer.getmany(timeout_ms=100)
+            except KafkaError as exc:
+                log.warning("fetching from the inbox failed: %r", exc)
+                await asyncio.sleep(1)
+                continue
+            for tp, records in batches.items():
+                for record in records:
+                    self._take(tp.partition, record)
+            if time.monotonic() >= next_commit:
+                await self._commit()
+                next_commit = time.monotonic() + settings.commit_interval
+
+    def _take(self, partition: int, record: ConsumerRecord) -> None:
+        offsets = self._offsets.setdefault(partition, PartitionOffsets())
+        offsets.started(record.offset)
+        lanes = self._lanes.setdefault(partition, OrderLanes())
+        key = record.key.decode() if record.key else f"offset {record.offset}"
+        lanes.submit(key, partial(self._handle, partition, record))
+        self._metrics.set("order_bridge_hints_in_flight", self.in_flight)
+
+    async def _handle(self, partition: int, record: ConsumerRecord) -> None:
+        try:
+            await self._handler.handle(partition, record.value)
+        finally:
+            offsets = self._offsets.get(partition)
+            if offsets is not None:
+                offsets.finished(record.offset)
+            self._metrics.set("order_bridge_hints_in_flight", self.in_flight)
+
+    def _apply_backpressure(self) -> None:
+        # Pausing, rather than not polling, keeps the consumer's group membership alive.
+        assigned = self._consumer.assignment()
+        if self.in_flight >= self._config.worker.max_in_flight:
+            self._consumer.pause(*assigned)
+        elif self._consumer.paused():
+            self._consumer.resume(*assigned)
+
+    async def _commit(self, partitions: list[int] | None = None) -> None:
+        topic = self._config.kafka.inbox_topic
+        chosen = self._offsets if partitions is None else partitions
+        offsets = {p: self._offsets[p].to_commit() for p in chosen if p in self._offsets}
+        ready = {TopicPartition(topic, p): o for p, o in offsets.items() if o is not None}
+        if not ready:
+            return
+        try:
+            await self._consumer.commit(ready)
+        except KafkaError as exc:
+            # Not fatal: the next commit covers these offsets too.
+            log.warning("committing inbox offsets failed: %r", exc)
+            return
+        for tp, offset in ready.items():
+            self._offsets[tp.partition].committed(offset)
+
+    async def _release(self, partitions: list[int]) -> None:
+        """Finishes (within drain_timeout) or hands back the hints of `partitions`."""
+        timeout = self._config.worker.drain_timeout
+        lanes = [self._lanes[p] for p in partitions if p in self._lanes]
+        cancelled = sum(await asyncio.gather(*(lane.drain(timeout) for lane in lanes)))
+        if cancelled:
+            log.warning("handed back %d orders' hints unfinished", cancelled)
+        await self._commit(partitions)
+        for partition in partitions:
+            self._lanes.pop(partition, None)
+            self._offsets.pop(partition, None)
+        self._state.forget(partitions)
+        self._metrics.set("order_bridge_orders_known", len(self._state))
+
+    async def _assigned(self, partitions: list[int]) -> None:
+        await self._state.restore(partitions)
+        self._metrics.set("order_bridge_orders_known", len(self._state))
+        log.info("owning inbox partitions %s", sorted(partitions))
+
+    async def _leave_group(self) -> None:
+        # Tansu numbers a group's first generation 0, and aiokafka only leaves from
+        # generation 1 on, so a stopped first member would hold its partitions until its
+        # session expires. Leaving explicitly is what Kafka itself expects anyway.
+        coordinator = getattr(self._consumer, "_coordinator", None)
+        if coordinator is not None and coordinator.generation == 0 and coordinator.member_id:
+            with contextlib.suppress(KafkaError, OSError):
+                await coordinator._send_req(
+                    LeaveGroupRequest(coordinator.group_id, coordinator.member_id)
+                )
+
+
+class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, worker: Worker) -> None:
+        self._worker = worker
+
+    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        await self._worker._release([tp.partition for tp in revoked])
+
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        await self._worker._assigned([tp.partition for tp in assigned])

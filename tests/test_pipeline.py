@@ -1,0 +1,247 @@
+"""Callbacks in, confirmed status events out: receiver, worker, sandbox and a real broker."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from decimal import Decimal
+
+import pytest
+
+from bridge.config import KafkaSettings
+from bridge.sandbox import Faults
+from tests.bridge_fixtures import RunningBridge, running_bridge
+from tests.conftest import CutOffBroker, RunningSandbox
+from tests.helpers import SECRETS
+
+PROVIDERS = ["lemft", "lunpay", "kasushou"]
+# Each provider's codes for a processing, a succeeded and a refunded order.
+CODES = {
+    "lemft": {"processing": 0, "succeeded": 1, "refunded": 2},
+    "lunpay": {"processing": 2, "succeeded": 4, "refunded": 6},
+    "kasushou": {"processing": 2, "succeeded": 3, "refunded": 5},
+}
+ISO_UTC = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
+
+
+def create(bridge: RunningBridge, provider: str, status: str = "processing") -> tuple[str, str]:
+    """A sandbox order in `status`; returns its id and its Kafka key."""
+    account = bridge.sandbox.accounts[provider].name
+    order = bridge.sandbox.sandbox.create_order(
+        account, status=CODES[provider][status], amount=Decimal("375.28"), currency="USD"
+    )
+    return order.order_id, f"{provider}/{account}/{order.order_id}"
+
+
+def move(bridge: RunningBridge, provider: str, order_id: str, status: str | int) -> None:
+    code = status if isinstance(status, int) else CODES[provider][status]
+    bridge.sandbox.sandbox.set_status(bridge.sandbox.accounts[provider].name, order_id, code)
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+async def test_a_callback_gives_one_event_in_the_contracts_shape(
+    bridge: RunningBridge, provider: str
+) -> None:
+    order_id, key = create(bridge, provider)
+    response = await bridge.post_callback(provider, order_id)
+    assert response.status_code == 200
+    assert response.text == ("ok" if provider == "kasushou" else "success")
+
+    (event,) = await bridge.events_for(key, 1)
+    account = bridge.sandbox.accounts[provider].name
+    assert event.headers["ce_specversion"] == "1.0"
+    assert event.headers["ce_source"] == f"order-bridge/{provider}/{account}"
+    assert event.headers["ce_type"] == "order.status.changed"
+    assert event.headers["ce_subject"] == order_id
+    assert ISO_UTC.fullmatch(event.headers["ce_time"])
+    assert event.headers["content-type"] == "application/json"
+    assert re.fullmatch(r"[0-9a-f-]{36}", event.headers["ce_id"])
+    value = event.value
+    assert list(value) == [
+        "provider",
+        "account",
+        "order_id",
+        "external_order_id",
+        "status",
+        "previous_status",
+        "provider_status",
+        "amount",
+        "currency",
+        "observed_at",
+        "trigger",
+        "details",
+    ]
+    assert value["provider"] == provider
+    assert value["account"] == account
+    assert value["order_id"] == order_id
+    assert value["status"] == "processing"
+    assert value["previous_status"] is None
+    assert value["provider_status"]["code"] == CODES[provider]["processing"]
+    assert value["amount"] == "375.28"
+    assert value["currency"] == ("CNY" if provider == "kasushou" else "USD")
+    assert ISO_UTC.fullmatch(value["observed_at"])
+    assert value["trigger"] == "callback"
+    assert isinstance(value["details"], dict)
+
+
+async def test_the_same_callback_five_times_gives_one_event(bridge: RunningBridge) -> None:
+    order_id, key = create(bridge, "kasushou", "succeeded")
+    for _ in range(5):
+        assert (await bridge.post_callback("kasushou", order_id)).status_code == 200
+    await bridge.events_for(key, 1)
+    # The five hints are handled one after another: wait until the last is done.
+    await bridge.status.quiet(1.0)
+    assert [r.value["status"] for r in bridge.status.records if r.key == key] == ["succeeded"]
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+async def test_status_changes_give_chained_events_in_order(
+    bridge: RunningBridge, provider: str
+) -> None:
+    order_id, key = create(bridge, provider, "processing")
+    for status in ("processing", "succeeded", "refunded"):
+        move(bridge, provider, order_id, status)
+        await bridge.post_callback(provider, order_id)
+        await bridge.events_for(key, {"processing": 1, "succeeded": 2, "refunded": 3}[status])
+    events = await bridge.events_for(key, 3)
+    chain = [(e.value["previous_status"], e.value["status"]) for e in events]
+    assert chain == [(None, "processing"), ("processing", "succeeded"), ("succeeded", "refunded")]
+    assert len({e.headers["ce_id"] for e in events}) == 3
+    assert len({e.partition for e in events}) == 1
+
+
+@pytest.mark.parametrize("provider", ["lemft", "lunpay"])
+async def test_a_forged_success_is_published_as_what_the_provider_says(
+    bridge: RunningBridge, provider: str
+) -> None:
+    order_id, key = create(bridge, provider, "processing")
+    forged = await bridge.post_callback(provider, order_id, status=CODES[provider]["succeeded"])
+    assert forged.status_code == 200
+    (event,) = await bridge.events_for(key, 1)
+    assert event.value["status"] == "processing"
+
+
+async def test_an_unknown_provider_code_gives_an_unknown_event(bridge: RunningBridge) -> None:
+    order_id, key = create(bridge, "lunpay", "processing")
+    move(bridge, "lunpay", order_id, 42)
+    await bridge.post_callback("lunpay", order_id)
+    (event,) = await bridge.events_for(key, 1)
+    assert event.value["status"] == "unknown"
+    assert event.value["provider_status"] == {"code": 42, "label": "unknown"}
+
+
+async def test_a_stale_answer_is_not_published(bridge: RunningBridge) -> None:
+    order_id, key = create(bridge, "kasushou", "succeeded")
+    await bridge.post_callback("kasushou", order_id)
+    await bridge.events_for(key, 1)
+    move(bridge, "kasushou", order_id, "refunded")
+    await bridge.post_callback("kasushou", order_id)
+    await bridge.events_for(key, 2)
+    # A lagging replica answers the previous state from now on.
+    account = bridge.sandbox.accounts["kasushou"].name
+    bridge.sandbox.sandbox.set_faults(account, Faults(stale_rate=1.0))
+    await bridge.post_callback("kasushou", order_id)
+    metrics = await wait_for_metric(bridge, "order_bridge_stale_answers_total", 1)
+    assert 'order_bridge_stale_answers_total{provider="kasushou"}' in metrics
+    assert [r.value["status"] for r in bridge.status.records if r.key == key] == [
+        "succeeded",
+        "refunded",
+    ]
+
+
+async def test_a_kasushou_card_order_publishes_masked_cards(bridge: RunningBridge) -> None:
+    order_id, key = create(bridge, "kasushou", "succeeded")
+    await bridge.post_callback("kasushou", order_id)
+    (event,) = await bridge.events_for(key, 1)
+    order = bridge.sandbox.sandbox.order(bridge.sandbox.accounts["kasushou"].name, order_id)
+    cards = order.fields["card_list"]
+    assert cards, "the sandbox makes card orders by default"
+    raw = str(event.value)
+    for card in cards:
+        assert card["card_password"] not in raw
+        assert card["card_no"] not in raw
+    assert event.value["details"]["card_list"][0]["card_password"] == "******"
+    for secret in SECRETS:
+        assert secret not in raw
+
+
+async def test_a_provider_that_stays_down_ends_in_the_dead_letter_topic(
+    bridge: RunningBridge,
+) -> None:
+    order_id, key = create(bridge, "lemft")
+    bridge.sandbox.sandbox.set_faults(bridge.sandbox.accounts["lemft"].name, Faults(down=True))
+    assert (await bridge.post_callback("lemft", order_id)).status_code == 200
+    (record,) = await bridge.deadletter.wait_for(
+        lambda rs: any(r.key == key for r in rs), timeout=30, what="a dead letter"
+    )
+    assert record.value["reason"] == "unconfirmed"
+    assert record.value["attempts"] > 1
+    assert "HTTP 503" in record.value["detail"]
+    assert record.value["record"]["order_id"] == order_id
+    assert not [r for r in bridge.status.records if r.key == key]
+
+
+async def test_watch_request_confirms_an_order_without_callback(bridge: RunningBridge) -> None:
+    order_id, key = create(bridge, "lunpay", "succeeded")
+    account = bridge.sandbox.accounts["lunpay"].name
+    response = await bridge.http.post(
+        f"{bridge.url}/orders/watch",
+        json={"provider": "lunpay", "account": account, "order_id": order_id},
+    )
+    assert response.status_code == 202
+    (event,) = await bridge.events_for(key, 1)
+    assert (event.value["status"], event.value["trigger"]) == ("succeeded", "watch")
+
+
+async def test_restart_keeps_deduplication(
+    sandbox: RunningSandbox, kafka_settings: KafkaSettings
+) -> None:
+    async with running_bridge(sandbox, kafka_settings) as first:
+        order_id, key = create(first, "lemft", "succeeded")
+        await first.post_callback("lemft", order_id)
+        await first.events_for(key, 1)
+    async with running_bridge(sandbox, kafka_settings) as second:
+        await second.post_callback("lemft", order_id)
+        move(second, "lemft", order_id, "refunded")
+        await second.post_callback("lemft", order_id)
+        events = await second.events_for(key, 2)
+    assert [(e.value["previous_status"], e.value["status"]) for e in events] == [
+        (None, "succeeded"),
+        ("succeeded", "refunded"),
+    ]
+
+
+async def wait_for_metric(bridge: RunningBridge, name: str, at_least: float) -> str:
+    deadline = time.monotonic() + 20
+    while True:
+        text = (await bridge.http.get(f"{bridge.url}/metrics")).text
+        total = sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith(name) and not line.startswith("#")
+        )
+        if total >= at_least:
+            return text
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{name} stayed below {at_least}:\n{text}")
+        await asyncio.sleep(0.1)
+
+
+async def test_with_kafka_away_callbacks_get_503_and_retries_are_all_published(
+    sandbox: RunningSandbox, cut_off_broker: CutOffBroker
+) -> None:
+    async with running_bridge(sandbox, cut_off_broker.settings) as bridge:
+        orders = [create(bridge, provider, "succeeded") for provider in PROVIDERS]
+        await cut_off_broker.proxy.cut()
+        for (order_id, _), provider in zip(orders, PROVIDERS, strict=True):
+            refused = await bridge.post_callback(provider, order_id)
+            assert refused.status_code == 503
+            assert refused.headers["retry-after"] == "1"
+        await cut_off_broker.proxy.start()
+        # The provider retries; this time the hints are stored and confirmed.
+        for (order_id, _), provider in zip(orders, PROVIDERS, strict=True):
+            assert (await bridge.post_callback(provider, order_id)).status_code == 200
+        for _, key in orders:
+            (event,) = await bridge.events_for(key, 1, timeout=30)
+            assert event.value["status"] == "succeeded"

@@ -1,0 +1,443 @@
+"""The receiver over real HTTP, with a real broker and the sandbox providers.
+
+What is asserted is what users see: the HTTP answers, and the records in the
+inbox and dead-letter topics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import re
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+
+from bridge.config import Config, HttpSettings, KafkaSettings
+from bridge.kafka import Producer, ensure_topics
+from bridge.metrics import Metrics
+from bridge.receiver import create_app
+from bridge.sandbox import SandboxOrder
+from bridge.sandbox.base import Encoding
+from bridge.servers import serve
+from tests.conftest import CutOffBroker, RunningSandbox
+from tests.kafka import Record, read_topic
+
+LIMIT = 16 * 1024
+RETRY_AFTER = 7
+KSU, LEM, LUN = "kasushou-test", "lemft-test", "lunpay-test"
+# A lunpay account that answers its callbacks with its own text.
+LUN_CUSTOM = "lunpay-custom"
+ISO_UTC = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
+# A lemft order's card data, which its callbacks carry.
+LEMFT_CARD = {"card_no": "6212345678901234", "cvv": "321", "pin": "8642"}
+
+
+@dataclass
+class RunningReceiver:
+    url: str
+    http: httpx.AsyncClient
+    config: Config
+    sandbox: RunningSandbox
+    # What the wiring's ready() reports; tests change it.
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def kafka(self) -> KafkaSettings:
+        return self.config.kafka
+
+    def order(self, account: str, **fields: Any) -> SandboxOrder:
+        return self.sandbox.sandbox.create_order(account, **fields)
+
+    async def callback(
+        self,
+        account: str,
+        order: SandboxOrder,
+        *,
+        encoding: Encoding = "json",
+        bad_sign: bool = False,
+        to_account: str | None = None,
+    ) -> httpx.Response:
+        """Posts the order's callback as its provider would, to `to_account` if given."""
+        body, content_type = self.sandbox.sandbox.callback(
+            account, order.order_id, encoding=encoding, bad_sign=bad_sign
+        )
+        path = f"/callbacks/{order.provider}/{to_account or account}"
+        return await self.http.post(path, content=body, headers={"content-type": content_type})
+
+
+@contextlib.asynccontextmanager
+async def running_receiver(
+    sandbox: RunningSandbox, settings: KafkaSettings, inbox_timeout: float = 5.0
+) -> AsyncIterator[RunningReceiver]:
+    custom = dataclasses.replace(
+        sandbox.accounts["lunpay"], name=LUN_CUSTOM, callback_ack="SUCCESS-CUSTOM"
+    )
+    config = Config(
+        kafka=settings,
+        http=HttpSettings(
+            max_body_bytes=LIMIT, inbox_timeout=inbox_timeout, retry_after=RETRY_AFTER
+        ),
+        accounts=(*sandbox.accounts.values(), custom),
+    )
+    await ensure_topics(settings)
+    producer = Producer(settings)
+    await producer.start()
+    problems: list[str] = []
+
+    async def ready() -> list[str]:
+        return list(problems)
+
+    app = create_app(config, producer, Metrics(), ready)
+    try:
+        async with serve(app) as url, httpx.AsyncClient(base_url=url, timeout=20.0) as http:
+            yield RunningReceiver(url, http, config, sandbox, problems)
+    finally:
+        await producer.stop()
+
+
+@pytest.fixture
+async def receiver(
+    sandbox: RunningSandbox, kafka_settings: KafkaSettings
+) -> AsyncIterator[RunningReceiver]:
+    async with running_receiver(sandbox, kafka_settings) as running:
+        yield running
+
+
+def order_key(order: SandboxOrder) -> str:
+    return f"{order.provider}/{order.account}/{order.order_id}"
+
+
+def keys(records: list[Record]) -> list[str]:
+    return [r.key for r in records]
+
+
+def text_of(record: Record) -> str:
+    return orjson.dumps(record.value).decode()
+
+
+def card_secrets(order: SandboxOrder) -> list[str]:
+    """The secrets an order's callback carries in plain text."""
+    secrets = [str(order.fields[k]) for k in ("card_no", "cvv", "pin") if order.fields.get(k)]
+    for card in order.fields.get("card_list", []):
+        secrets += [card["card_no"], card["card_password"]]
+    return secrets
+
+
+# -- accepted callbacks ------------------------------------------------------------------
+
+
+async def test_callbacks_are_stored_then_acked(receiver: RunningReceiver) -> None:
+    before = datetime.now(UTC)
+    acks = {KSU: "ok", LEM: "success", LUN: "success", LUN_CUSTOM: "SUCCESS-CUSTOM"}
+    sent: dict[str, SandboxOrder] = {}
+    encodings: tuple[Encoding, ...] = ("json", "form")
+    for account, to_account in [(KSU, KSU), (LEM, LEM), (LUN, LUN), (LUN, LUN_CUSTOM)]:
+        for encoding in encodings:
+            order = receiver.order(account, **(LEMFT_CARD if account == LEM else {}))
+            response = await receiver.callback(
+                account, order, encoding=encoding, to_account=to_account
+            )
+            assert response.status_code == 200, (to_account, encoding, response.text)
+            assert response.text == acks[to_account]
+            assert response.headers["content-type"].startswith("text/plain")
+            sent[f"{order.provider}/{to_account}/{order.order_id}"] = order
+
+    async with read_topic(receiver.kafka, receiver.kafka.inbox_topic) as inbox:
+        await inbox.wait_for(lambda rs: set(sent) <= set(keys(rs)), what="every callback")
+        records = await inbox.quiet(0.2)
+    assert sorted(keys(records)) == sorted(sent)  # exactly one record a callback
+    for record in records:
+        order, value = sent[record.key], record.value
+        assert value["trigger"] == "callback"
+        assert value["provider"] == order.provider
+        assert value["order_id"] == order.order_id
+        assert order.order_id in value["body"]
+        assert value["headers"]["content-type"] == value["content_type"]
+        assert value["headers"]["remote_addr"] == "127.0.0.1"
+        assert ISO_UTC.fullmatch(value["received_at"])
+        received = datetime.fromisoformat(value["received_at"])
+        assert before - timedelta(seconds=1) <= received <= datetime.now(UTC)
+        secrets = card_secrets(order)
+        assert secrets or order.provider == "lunpay"  # lunpay callbacks carry no card data
+        for secret in secrets:
+            assert secret not in text_of(record), record.key
+        if order.provider == "kasushou":
+            assert value["signature_rule"]
+
+
+# -- refused callbacks -------------------------------------------------------------------
+
+
+async def test_bad_kasushou_signature_is_401_and_dead_lettered(receiver: RunningReceiver) -> None:
+    orders = {}
+    encodings: tuple[Encoding, ...] = ("json", "form")
+    for encoding in encodings:
+        order = receiver.order(KSU)
+        response = await receiver.callback(KSU, order, encoding=encoding, bad_sign=True)
+        assert response.status_code == 401
+        assert "bad_signature" in response.text
+        orders[order.order_id] = order
+
+    async with read_topic(receiver.kafka, receiver.kafka.deadletter_topic) as deadletters:
+        records = await deadletters.wait_for_count(2)
+    for record in records:
+        assert record.key == f"kasushou/{KSU}"
+        assert record.headers == {"reason": "bad_signature"}
+        assert record.value["reason"] == "bad_signature"
+        assert (record.value["provider"], record.value["account"]) == ("kasushou", KSU)
+        # The body is kept for people to look at, its secrets masked.
+        order = orders[record.value["order_id"]]
+        assert order.order_id in record.value["body"]
+        for secret in card_secrets(order):
+            assert secret not in text_of(record)
+    async with read_topic(receiver.kafka, receiver.kafka.inbox_topic) as inbox:
+        assert await inbox.quiet(0.2) == []
+
+
+async def test_bodies_never_acceptable_are_refused(receiver: RunningReceiver) -> None:
+    order = receiver.order(LUN)
+    body, content_type = receiver.sandbox.sandbox.callback(LUN, order.order_id)
+    for path, text in [
+        ("/callbacks/lunpay/no-such-account", "unknown account\n"),
+        ("/callbacks/kasushou/lunpay-test", "unknown account\n"),
+        ("/callbacks/paypal/lunpay-test", "unknown provider\n"),
+    ]:
+        response = await receiver.http.post(
+            path, content=body, headers={"content-type": content_type}
+        )
+        assert (response.status_code, response.text) == (404, text), path
+
+    password = "4821-0937"
+    json, form = "application/json", "application/x-www-form-urlencoded"
+    cases = [
+        # (account, body, content type, status, dead-letter reason)
+        (LEM, f"order_id=L1&card_password={password}", "text/plain", 415, "unsupported_media_type"),
+        (LEM, f'{{"order_id": "L2", "card_password": "{password}"', json, 400, "malformed"),
+        (LUN, f'{{"card_password": "{password}"}}', json, 400, "malformed"),  # no order id
+        (KSU, f"ordersn=K1&card_password={password}&%zz", form, 400, "malformed"),
+    ]
+    for account, body_text, content_type, status, reason in cases:
+        response = await receiver.http.post(
+            f"/callbacks/{account.split('-')[0]}/{account}",
+            content=body_text,
+            headers={"content-type": content_type},
+        )
+        assert response.status_code == status, (body_text, response.text)
+        assert reason in response.text
+
+    async with read_topic(receiver.kafka, receiver.kafka.deadletter_topic) as deadletters:
+        await deadletters.wait_for_count(len(cases))
+        records = await deadletters.quiet(0.2)  # and none for the 404s
+    assert len(records) == len(cases)
+    by_body = {r.value["body"].replace("******", ""): r for r in records}
+    for account, body_text, _, _, reason in cases:
+        record = by_body[body_text.replace(password, "")]
+        assert record.key == f"{account.split('-')[0]}/{account}"
+        assert record.value["reason"] == reason
+        assert password not in text_of(record)
+    # The connection is still good for the next callback.
+    assert (await receiver.callback(LUN, order)).status_code == 200
+
+
+async def test_body_over_the_limit_is_413(receiver: RunningReceiver) -> None:
+    response = await receiver.http.post(
+        f"/callbacks/lemft/{LEM}",
+        content=b"x" * (LIMIT + 1),
+        headers={"content-type": "application/json"},
+    )
+    assert response.status_code == 413
+
+    async def chunks() -> AsyncIterator[bytes]:
+        for _ in range(4):
+            yield b"x" * (LIMIT // 2)
+
+    response = await receiver.http.post(
+        f"/callbacks/kasushou/{KSU}", content=chunks(), headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 413
+    assert "content-length" not in response.request.headers
+
+    async with read_topic(receiver.kafka, receiver.kafka.deadletter_topic) as deadletters:
+        records = await deadletters.wait_for_count(2)
+    details = {r.key: r.value["detail"] for r in records}
+    assert str(LIMIT + 1) in details[f"lemft/{LEM}"]  # the size declared
+    assert "reading stopped" in details[f"kasushou/{KSU}"]
+    for record in records:
+        assert record.value["reason"] == "too_large"
+        assert "body" not in record.value
+
+
+async def test_endless_body_is_refused_without_reading_it(receiver: RunningReceiver) -> None:
+    # httpx sends the whole body before it reads the answer, so it can't see one that comes
+    # early; this client reads while it sends, as curl does.
+    answer, sent = await post_endless_body(receiver.url, f"/callbacks/lemft/{LEM}")
+    assert answer.startswith(b"HTTP/1.1 413 "), answer
+    assert b"connection: close" in answer.lower()
+    assert sent < 64 * 1024 * 1024, sent  # of the 1 GiB offered
+
+
+class _EarlyReader(asyncio.Protocol):
+    def __init__(self) -> None:
+        self.answer = bytearray()
+        self.closed = asyncio.Event()
+        self.writable = asyncio.Event()
+        self.writable.set()
+
+    def data_received(self, data: bytes) -> None:
+        self.answer += data
+
+    def pause_writing(self) -> None:
+        self.writable.clear()
+
+    def resume_writing(self) -> None:
+        self.writable.set()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed.set()
+        self.writable.set()
+
+
+async def post_endless_body(url: str, path: str) -> tuple[bytes, int]:
+    """Posts a chunked body of up to 1 GiB, stopping once an answer comes; the answer and
+    the body bytes sent until then."""
+    host, port = url.removeprefix("http://").split(":")
+    loop = asyncio.get_running_loop()
+    transport, client = await loop.create_connection(_EarlyReader, host, int(port))
+    transport.write(
+        f"POST {path} HTTP/1.1\r\nhost: {host}\r\ncontent-type: application/json\r\n"
+        "transfer-encoding: chunked\r\n\r\n".encode()
+    )
+    chunk = b"x" * 65536
+    sent = 0
+    async with asyncio.timeout(20):
+        while sent < 1 << 30 and not client.answer and not transport.is_closing():
+            await client.writable.wait()
+            transport.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
+            sent += len(chunk)
+        await client.closed.wait()  # the server hangs up
+    transport.close()
+    return bytes(client.answer), sent
+
+
+# -- Kafka unreachable -------------------------------------------------------------------
+
+
+async def test_callbacks_get_503_while_kafka_is_cut_off_and_200_once_back(
+    sandbox: RunningSandbox, cut_off_broker: CutOffBroker
+) -> None:
+    timeout = 0.5
+    async with running_receiver(sandbox, cut_off_broker.settings, timeout) as receiver:
+        first = receiver.order(KSU)
+        assert (await receiver.callback(KSU, first)).status_code == 200
+
+        await cut_off_broker.proxy.cut()
+        waiting = [(KSU, receiver.order(KSU)), (LEM, receiver.order(LEM))]
+        for account, order in waiting:
+            started = time.monotonic()
+            response = await receiver.callback(account, order)
+            assert response.status_code == 503
+            assert response.headers["retry-after"] == str(RETRY_AFTER)
+            assert time.monotonic() - started < timeout + 1.5
+
+        await cut_off_broker.proxy.start()
+        deadline = time.monotonic() + 20
+        for account, order in waiting:  # the providers retry
+            while (response := await receiver.callback(account, order)).status_code != 200:
+                assert response.status_code == 503
+                assert time.monotonic() < deadline, "callbacks still refused after Kafka is back"
+            assert response.text == ("ok" if account == KSU else "success")
+
+        # At least once: a write that timed out may have been delivered as well.
+        wanted = {order_key(first), *(order_key(order) for _, order in waiting)}
+        async with read_topic(receiver.kafka, receiver.kafka.inbox_topic) as inbox:
+            await inbox.wait_for(lambda rs: wanted <= set(keys(rs)), what="every acked callback")
+
+
+# -- watch requests ----------------------------------------------------------------------
+
+
+async def test_watch_requests(receiver: RunningReceiver) -> None:
+    response = await receiver.http.post(
+        "/orders/watch", json={"provider": "lemft", "account": LEM, "order_id": "L-77"}
+    )
+    assert response.status_code == 202
+    assert response.json() == {"status": "accepted", "key": f"lemft/{LEM}/L-77"}
+
+    def watch(**fields: Any) -> bytes:
+        return orjson.dumps({"provider": "lemft", "account": LEM, "order_id": "L-1", **fields})
+
+    for body, status in [
+        (b"not json", 400),
+        (b"[]", 400),
+        (orjson.dumps({"provider": "lemft", "account": LEM}), 400),
+        (watch(order_id=" "), 400),
+        (watch(order_id=5), 400),
+        (watch(order_id="x" * 129), 400),
+        (watch(account="nope"), 404),
+        (watch(provider="nope"), 404),
+        (b" " * (LIMIT + 1), 413),
+    ]:
+        response = await receiver.http.post(
+            "/orders/watch", content=body, headers={"content-type": "application/json"}
+        )
+        assert response.status_code == status, body
+        assert response.json()["error"]
+
+    async with read_topic(receiver.kafka, receiver.kafka.inbox_topic) as inbox:
+        await inbox.wait_for_count(1)
+        [record] = await inbox.quiet(0.2)
+    assert record.key == f"lemft/{LEM}/L-77"
+    assert record.value["trigger"] == "watch"
+    assert record.value["body"] == ""
+    assert ISO_UTC.fullmatch(record.value["received_at"])
+
+
+# -- health, readiness, metrics ----------------------------------------------------------
+
+
+async def test_health_readiness_and_metrics(receiver: RunningReceiver) -> None:
+    health = await receiver.http.get("/healthz")
+    assert (health.status_code, health.text) == (200, "ok")
+
+    ready = await receiver.http.get("/readyz")
+    assert (ready.status_code, ready.json()) == (200, {"ready": True})
+    receiver.problems.append("worker not running")
+    ready = await receiver.http.get("/readyz")
+    assert ready.status_code == 503
+    assert ready.json() == {"ready": False, "problems": ["worker not running"]}
+
+    order = receiver.order(LUN)
+    assert (await receiver.callback(LUN, order)).status_code == 200
+    assert (await receiver.callback(KSU, receiver.order(KSU), bad_sign=True)).status_code == 401
+    assert (await receiver.http.post("/callbacks/lunpay/nope")).status_code == 404
+    watch = {"provider": "lunpay", "account": LUN, "order_id": order.order_id}
+    assert (await receiver.http.post("/orders/watch", json=watch)).status_code == 202
+
+    metrics = await receiver.http.get("/metrics")
+    assert metrics.status_code == 200
+    assert metrics.headers["content-type"].startswith("text/plain; version=0.0.4")
+    lines = metrics.text.splitlines()
+    callbacks = "order_bridge_callbacks_total"
+    for line in [
+        series(callbacks, 1, provider="lunpay", account=LUN, outcome="accepted"),
+        series(callbacks, 1, provider="kasushou", account=KSU, outcome="rejected_401"),
+        series(callbacks, 1, provider="lunpay", account="unknown", outcome="unknown_account"),
+        series("order_bridge_watch_requests_total", 1, outcome="accepted"),
+        series("order_bridge_inbox_writes_total", 2, outcome="ok"),
+        series("order_bridge_deadletters_total", 1, reason="bad_signature"),
+    ]:
+        assert line in lines, metrics.text
+
+
+def series(name: str, value: int, **labels: str) -> str:
+    """One line of the Prometheus text format."""
+    inner = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    return f"{name}{{{inner}}} {value}"

@@ -1,0 +1,177 @@
+"""The worker's pure parts: offsets, per-order lanes, the publish decision, event ids."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime
+from decimal import Decimal
+
+import orjson
+import pytest
+
+from bridge.events import StatusEvent
+from bridge.inbox import InboxRecord
+from bridge.metrics import Metrics
+from bridge.orders import OrderSnapshot, ProviderStatus, Status
+from bridge.state import OrderState
+from bridge.worker.confirm import backoff
+from bridge.worker.handler import Decision, decide
+from bridge.worker.lanes import OrderLanes
+from bridge.worker.offsets import PartitionOffsets
+
+
+def test_offsets_commit_only_past_finished_records() -> None:
+    offsets = PartitionOffsets()
+    assert offsets.to_commit() is None
+    for offset in (10, 11, 12):
+        offsets.started(offset)
+    offsets.finished(11)
+    assert offsets.to_commit() == 10
+    offsets.finished(10)
+    assert offsets.to_commit() == 12
+    offsets.committed(12)
+    assert offsets.to_commit() is None
+    offsets.finished(12)
+    assert offsets.to_commit() == 13
+    assert offsets.in_flight == 0
+
+
+async def test_lanes_keep_one_keys_jobs_in_order_and_run_keys_concurrently() -> None:
+    log: list[str] = []
+    gate = asyncio.Event()
+
+    def job(name: str, wait: bool = False) -> object:
+        async def run() -> None:
+            if wait:
+                await gate.wait()
+            log.append(name)
+
+        return run
+
+    lanes = OrderLanes()
+    lanes.submit("a", job("a1", wait=True))  # type: ignore[arg-type]
+    lanes.submit("a", job("a2"))  # type: ignore[arg-type]
+    lanes.submit("b", job("b1"))  # type: ignore[arg-type]
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    assert log == ["b1"]  # b is not held up by a's slow job
+    gate.set()
+    assert await lanes.drain(5) == 0
+    assert log == ["b1", "a1", "a2"]
+    assert len(lanes) == 0
+
+
+async def test_a_failing_job_does_not_strand_the_next() -> None:
+    done: list[str] = []
+
+    async def fail() -> None:
+        raise RuntimeError("boom")
+
+    async def ok() -> None:
+        done.append("ok")
+
+    lanes = OrderLanes()
+    lanes.submit("a", fail)
+    lanes.submit("a", ok)
+    await lanes.drain(5)
+    assert done == ["ok"]
+
+
+async def test_drain_cancels_what_does_not_finish_in_time() -> None:
+    lanes = OrderLanes()
+    lanes.submit("a", asyncio.Event().wait)  # type: ignore[arg-type]
+    assert await lanes.drain(0.05) == 1
+    assert len(lanes) == 0
+
+
+def snapshot(status: Status, code: int | str = 1) -> OrderSnapshot:
+    return OrderSnapshot(
+        provider="lunpay",
+        account="lp",
+        order_id="O-1",
+        external_order_id="",
+        status=status,
+        provider_status=ProviderStatus(code, "x"),
+        amount=Decimal("0.40"),
+        currency="USD",
+    )
+
+
+def state(status: Status, code: int | str = 1) -> OrderState:
+    return OrderState(status=status, code=code, event_id="e", published_at="t")
+
+
+@pytest.mark.parametrize(
+    ("previous", "new", "decision"),
+    [
+        (None, snapshot(Status.PENDING), Decision.PUBLISH),
+        (state(Status.PENDING), snapshot(Status.PENDING), Decision.UNCHANGED),
+        (state(Status.PENDING), snapshot(Status.PROCESSING, 2), Decision.PUBLISH),
+        (state(Status.PROCESSING, 2), snapshot(Status.ON_HOLD, 3), Decision.PUBLISH),
+        (state(Status.ON_HOLD, 3), snapshot(Status.PROCESSING, 2), Decision.PUBLISH),
+        (state(Status.PROCESSING, 0), snapshot(Status.PROCESSING, 2), Decision.PUBLISH),
+        (state(Status.SUCCEEDED, 4), snapshot(Status.PROCESSING, 2), Decision.STALE),
+        (state(Status.REFUNDED, 6), snapshot(Status.SUCCEEDED, 4), Decision.STALE),
+        (state(Status.SUCCEEDED, 4), snapshot(Status.CANCELLED, 5), Decision.PUBLISH),
+        (state(Status.REFUNDED, 6), snapshot(Status.UNKNOWN, 42), Decision.PUBLISH),
+        (state(Status.UNKNOWN, 42), snapshot(Status.UNKNOWN, 42), Decision.UNCHANGED),
+        (state(Status.UNKNOWN, 42), snapshot(Status.PENDING, 1), Decision.PUBLISH),
+    ],
+)
+def test_status_moves_forward_only(
+    previous: OrderState | None, new: OrderSnapshot, decision: Decision
+) -> None:
+    assert decide(previous, new) is decision
+
+
+def event(previous_event_id: str | None, status: Status = Status.SUCCEEDED) -> StatusEvent:
+    return StatusEvent(
+        snapshot=snapshot(status, 4),
+        previous_status=Status.PROCESSING,
+        previous_event_id=previous_event_id,
+        trigger="callback",
+        observed_at=datetime(2026, 11, 22, 10, 0, 0, 123456, tzinfo=UTC),
+    )
+
+
+def test_event_id_is_deterministic_per_change() -> None:
+    assert event("prev").id == event("prev").id
+    assert event("prev").id != event("other").id
+    assert event("prev").id != event("prev", Status.FAILED).id
+
+
+def test_event_value_and_headers() -> None:
+    e = event(None)
+    value = orjson.loads(e.value())
+    assert value["amount"] == "0.40"
+    assert value["observed_at"] == "2026-11-22T10:00:00.123Z"
+    assert value["previous_status"] == "processing"
+    assert dict(e.headers())["ce_time"] == b"2026-11-22T10:00:00.123Z"
+    assert dict(e.headers())["ce_id"] == e.id.encode()
+
+
+def test_inbox_record_round_trip_and_rejects_garbage() -> None:
+    record = InboxRecord("kasushou", "k", "D1", "callback", "2026-11-22T10:00:00.000Z", body="x")
+    assert InboxRecord.decode(record.encode()) == record
+    for garbage in (b"", b"[]", b'{"provider": "k"}', b'{"provider":"k","account":"a",'
+                    b'"order_id":"o","trigger":"nope","received_at":"t"}'):  # fmt: skip
+        with pytest.raises(ValueError, match="not an inbox record"):
+            InboxRecord.decode(garbage)
+
+
+def test_backoff_doubles_up_to_the_cap_with_jitter() -> None:
+    for attempt, ceiling in ((1, 1.0), (2, 2.0), (3, 4.0), (10, 30.0)):
+        delay = backoff(attempt, 1.0, 30.0)
+        assert ceiling / 2 <= delay <= ceiling
+
+
+def test_metrics_render_in_prometheus_text_format() -> None:
+    metrics = Metrics()
+    metrics.inc("order_bridge_callbacks_total", provider="lemft", outcome='odd"label')
+    metrics.set("order_bridge_hints_in_flight", 3)
+    text = metrics.render()
+    assert "# TYPE order_bridge_callbacks_total counter" in text
+    assert 'order_bridge_callbacks_total{outcome="odd\\"label",provider="lemft"} 1' in text
+    assert "order_bridge_hints_in_flight 3" in text
+    with pytest.raises(KeyError):
+        metrics.inc("no_such_metric")

@@ -12,9 +12,10 @@ import contextlib
 import tempfile
 import time
 from collections import defaultdict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -26,7 +27,7 @@ from bridge.providers.lunpay import LunpaySettings
 from bridge.redact import Secret
 from bridge.sandbox import Sandbox
 from bridge.servers import serve
-from bridge.service import Bridge, wait_for_signal
+from bridge.service import Bridge, stop_on_signals
 from bridge.tail import Event, follow
 
 # Demo credentials: fake, known only to the sandbox on this machine.
@@ -113,6 +114,7 @@ def write_config(directory: Path, *, sandbox_url: str, bootstrap: str, port: int
 
 
 async def run(*, once: bool = False, port: int = 0) -> None:
+    stop = stop_on_signals()
     sandbox = Sandbox(demo_accounts())
     async with contextlib.AsyncExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="order-bridge-dev-")))
@@ -134,12 +136,28 @@ async def run(*, once: bool = False, port: int = 0) -> None:
         events = await stack.enter_async_context(EventLog.following(config))
         async with httpx.AsyncClient(timeout=10) as http:
             story = Story(sandbox, bridge, http, events)
-            await story.play()
+            if not await _until_stopped(story.play(), stop):
+                return
         print_try_it(bridge.url or "", sandbox_url, config_path, story)
         print("demo story done", flush=True)
         if not once:
             print("Events keep printing here. Ctrl-C to stop.", flush=True)
-            await wait_for_signal()
+            await stop.wait()
+
+
+async def _until_stopped(work: Coroutine[Any, Any, None], stop: asyncio.Event) -> bool:
+    """Runs `work` unless `stop` is set first; whether it ran to its end."""
+    task = asyncio.create_task(work)
+    stopped = asyncio.create_task(stop.wait())
+    await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    stopped.cancel()
+    if task.done():
+        task.result()
+        return True
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    return False
 
 
 class EventLog:

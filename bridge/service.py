@@ -79,17 +79,21 @@ class Bridge:
 
 async def run(config: Config, *, receiver: bool = True, worker: bool = True) -> None:
     """Runs the bridge until SIGTERM or SIGINT; a second signal exits at once."""
+    stop = stop_on_signals()
     async with Bridge(config, receiver=receiver, worker=worker) as bridge:
         parts = " and ".join(p for p, on in (("receiver", receiver), ("worker", worker)) if on)
         where = f" on {bridge.url}" if bridge.url else ""
         log.warning("order-bridge %s running%s", parts, where)
-        await wait_for_signal()
+        await stop.wait()
         log.warning("stopping: finishing in-flight work")
 
 
-async def wait_for_signal() -> None:
+def stop_on_signals() -> asyncio.Event:
+    """An event the first SIGINT or SIGTERM sets; a second signal exits at once.
+
+    Installed before anything starts, so a signal at any moment means a clean stop.
+    """
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
 
     def on_signal() -> None:
         if stop.is_set():
@@ -97,6 +101,7 @@ async def wait_for_signal() -> None:
             os._exit(1)
         stop.set()
 
+    loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, on_signal)
-    await stop.wait()
+    return stop

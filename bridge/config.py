@@ -68,8 +68,6 @@ class WorkerSettings:
     # Backoff between attempts: doubles from `retry_initial` up to `retry_max` seconds, jittered.
     retry_initial: float = 1.0
     retry_max: float = 60.0
-    # How often a lower-ranked (stale) answer is asked again before the hint is left.
-    stale_retries: int = 3
     # Seconds between offset commits.
     commit_interval: float = 1.0
     # Consumer group liveness, in seconds.
@@ -78,6 +76,22 @@ class WorkerSettings:
     # On SIGTERM or a rebalance: seconds in-flight hints get to finish before they are
     # handed back (another worker, or this one after restart, does them again).
     drain_timeout: float = 10.0
+
+
+@dataclass(frozen=True)
+class PollSettings:
+    # Seconds before an unfinished order is asked again: after n answers in a row that
+    # changed nothing it waits intervals[n]; the last one repeats.
+    intervals: tuple[float, ...] = (10.0, 30.0, 60.0, 120.0, 300.0, 900.0)
+    # Seconds after which an order still not final is no longer polled: a `stale`
+    # record goes to the dead-letter topic.
+    max_age: float = 72 * 3600.0
+    # A watched order the provider does not know yet (creation can lag) is asked
+    # again this many times before it is dead-lettered as not found.
+    not_found_retries: int = 5
+
+    def interval(self, step: int) -> float:
+        return self.intervals[min(step, len(self.intervals) - 1)]
 
 
 @dataclass(frozen=True)
@@ -95,6 +109,12 @@ class Account:
     query_timeout: float = 10.0
     # Order-detail queries to this account at once.
     max_concurrent_queries: int = 4
+    # Order-detail queries a second to this account (callbacks and polls share them,
+    # callbacks first), and how many may go at once after a quiet spell.
+    query_rate: float = 5.0
+    query_burst: int = 5
+    # Order ids one query may carry (kasushou takes several); default: the provider's most.
+    max_batch: int | None = None
 
 
 # The keys an [[accounts]] table may hold besides its provider's own settings.
@@ -106,6 +126,7 @@ class Config:
     kafka: KafkaSettings = field(default_factory=KafkaSettings)
     http: HttpSettings = field(default_factory=HttpSettings)
     worker: WorkerSettings = field(default_factory=WorkerSettings)
+    polling: PollSettings = field(default_factory=PollSettings)
     accounts: tuple[Account, ...] = ()
 
     def account(self, provider: str, name: str) -> Account:
@@ -131,7 +152,7 @@ def load_config(path: str | os.PathLike[str] | None = None) -> Config:
 
 def parse_config(data: Mapping[str, Any], env: Mapping[str, str] | None = None) -> Config:
     env = os.environ if env is None else env
-    _reject_unknown(data, {"kafka", "http", "worker", "accounts"}, "")
+    _reject_unknown(data, {"kafka", "http", "worker", "polling", "accounts"}, "")
     accounts = data.get("accounts", [])
     if not isinstance(accounts, list):
         raise ConfigError("accounts", "must be an array of tables: [[accounts]]")
@@ -145,6 +166,7 @@ def parse_config(data: Mapping[str, Any], env: Mapping[str, str] | None = None) 
         kafka=build(KafkaSettings, _table(data, "kafka"), "kafka", env),
         http=build(HttpSettings, _table(data, "http"), "http", env),
         worker=build(WorkerSettings, _table(data, "worker"), "worker", env),
+        polling=build(PollSettings, _table(data, "polling"), "polling", env),
         accounts=parsed,
     )
 
@@ -203,6 +225,9 @@ def _coerce(value: Any, hint: Any, key: str, env: Mapping[str, str]) -> Any:
             return Secret(value)
         if option is Any:
             return value
+        if typing.get_origin(option) is tuple and isinstance(value, list) and value:
+            item = typing.get_args(option)[0]
+            return tuple(_coerce(v, item, f"{key}[{i}]", env) for i, v in enumerate(value))
         if option is float and isinstance(value, int | float) and not isinstance(value, bool):
             return float(value)
         if option is int and isinstance(value, str) and value.strip().isdigit():
@@ -241,6 +266,8 @@ def _describe(hint: Any) -> str:
         return "one of " + ", ".join(repr(v) for v in typing.get_args(hint))
     if hint is Secret:
         return "a string (secret)"
+    if typing.get_origin(hint) is tuple:
+        return f"a non-empty list, each {_describe(typing.get_args(hint)[0])}"
     return {str: "a string", int: "an integer", float: "a number", bool: "true or false"}.get(
         hint, getattr(hint, "__name__", str(hint))
     )

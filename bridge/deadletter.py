@@ -23,6 +23,7 @@ Reason = Literal[
     "unconfirmed",  # transient errors until the retry budget ran out
     "rejected",  # a permanent provider error
     "not_found",
+    "stale",  # not final after the polling max age: no longer followed
     "unreadable",  # an inbox record that cannot be decoded
 ]
 

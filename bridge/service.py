@@ -7,10 +7,13 @@ import contextlib
 import logging
 import os
 import signal
+import socket
+import uuid
 from types import TracebackType
 
 import httpx
 
+from bridge import __version__
 from bridge.config import Config
 from bridge.kafka import Producer, ensure_topics
 from bridge.metrics import Metrics
@@ -31,6 +34,8 @@ class Bridge:
         self.producer = Producer(config.kafka)
         self.worker: Worker | None = None
         self.url: str | None = None
+        # Names this bridge to providers (User-Agent), so their logs tell instances apart.
+        self.instance = f"{socket.gethostname()}/{os.getpid()}/{uuid.uuid4().hex[:6]}"
         self._with_receiver = receiver
         self._with_worker = worker
         self._stack = contextlib.AsyncExitStack()
@@ -48,7 +53,11 @@ class Bridge:
         await self.producer.start()
         self._stack.push_async_callback(self.producer.stop)
         if self._with_worker:
-            http = await self._stack.enter_async_context(httpx.AsyncClient())
+            http = await self._stack.enter_async_context(
+                httpx.AsyncClient(
+                    headers={"user-agent": f"order-bridge/{__version__} ({self.instance})"}
+                )
+            )
             self.worker = Worker(self.config, self.producer, http, self.metrics)
             await self.worker.start()
             self._stack.push_async_callback(self.worker.stop)

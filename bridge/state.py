@@ -9,39 +9,78 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
+from datetime import UTC, datetime
 
 import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from bridge.config import KafkaSettings
+from bridge.events import iso
 from bridge.kafka import client_options
 from bridge.orders import Status
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class OrderState:
-    """What the bridge last published about an order."""
+    """What the bridge knows of an order it follows: what it published, when to ask again.
 
-    status: Status
-    code: int | str
-    event_id: str
-    published_at: str
+    Times are epoch seconds here (small in memory) and ISO 8601 in the record.
+    """
+
+    first_seen: float
+    # The last published status; None until the first event.
+    status: Status | None = None
+    code: int | str | None = None
+    event_id: str | None = None
+    published_at: float | None = None
+    # When to poll next; None once the order is final or no longer followed.
+    next_poll: float | None = None
+    # Answers in a row that changed nothing: picks the poll interval.
+    polls: int = 0
+    # "Not found" answers in a row (a watched order whose creation lags).
+    misses: int = 0
 
     def encode(self) -> bytes:
-        return orjson.dumps({"version": 1, **asdict(self)})
+        return orjson.dumps(
+            {
+                "version": 1,
+                "first_seen_at": _iso(self.first_seen),
+                "status": None if self.status is None else self.status.value,
+                "code": self.code,
+                "event_id": self.event_id,
+                "published_at": _iso(self.published_at),
+                "next_poll_at": _iso(self.next_poll),
+                "polls": self.polls,
+                "misses": self.misses,
+            }
+        )
 
     @classmethod
     def decode(cls, value: bytes) -> OrderState:
         data = orjson.loads(value)
+        first_seen = _epoch(data["first_seen_at"])
+        assert first_seen is not None
         return cls(
-            status=Status(data["status"]),
+            first_seen=first_seen,
+            status=None if data["status"] is None else Status(data["status"]),
             code=data["code"],
             event_id=data["event_id"],
-            published_at=data["published_at"],
+            published_at=_epoch(data["published_at"]),
+            next_poll=_epoch(data["next_poll_at"]),
+            polls=data["polls"],
+            misses=data["misses"],
         )
+
+
+def _iso(epoch: float | None) -> str | None:
+    return None if epoch is None else iso(datetime.fromtimestamp(epoch, UTC))
+
+
+def _epoch(text: str | None) -> float | None:
+    return None if text is None else datetime.fromisoformat(text).timestamp()
 
 
 class StateStore:
@@ -64,6 +103,9 @@ class StateStore:
 
     def __len__(self) -> int:
         return sum(len(orders) for orders in self._partitions.values())
+
+    def items(self, partition: int) -> list[tuple[str, OrderState]]:
+        return list(self._partitions.get(partition, {}).items())
 
     async def restore(self, partitions: list[int]) -> None:
         """Reads `partitions` of the state topic from the beginning: last record per key wins."""

@@ -5,16 +5,25 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any
 
 import httpx
 
-from bridge.config import Config, HttpSettings, KafkaSettings, WorkerSettings
+from bridge.config import Config, HttpSettings, KafkaSettings, PollSettings, WorkerSettings
 from bridge.redact import Secret
 from bridge.service import Bridge
 from tests.conftest import RunningSandbox
 from tests.kafka import Record, TopicReader, read_topic
+
+# Each provider's codes for some statuses.
+CODES = {
+    "lemft": {"processing": 0, "succeeded": 1, "refunded": 2},
+    "lunpay": {"processing": 2, "succeeded": 4, "refunded": 6},
+    "kasushou": {"processing": 2, "succeeded": 3, "refunded": 5},
+}
 
 # Short timings so faults and retries play out in seconds.
 FAST_WORKER = WorkerSettings(
@@ -22,7 +31,6 @@ FAST_WORKER = WorkerSettings(
     retry_budget=5.0,
     retry_initial=0.05,
     retry_max=0.5,
-    stale_retries=1,
     commit_interval=0.2,
     session_timeout=2.0,
     heartbeat_interval=0.5,
@@ -31,13 +39,27 @@ FAST_WORKER = WorkerSettings(
 
 
 def bridge_config(
-    sandbox: RunningSandbox, kafka: KafkaSettings, **worker_changes: float | int | str
+    sandbox: RunningSandbox,
+    kafka: KafkaSettings,
+    *,
+    worker: Mapping[str, Any] | None = None,
+    polling: PollSettings | None = None,
+    accounts: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> Config:
+    """A config for the sandbox's accounts; `accounts` changes them by provider name."""
+    changes = accounts or {}
     return Config(
         kafka=kafka,
         http=HttpSettings(port=0, inbox_timeout=2.0, retry_after=1),
-        worker=dataclasses.replace(FAST_WORKER, **worker_changes),  # type: ignore[arg-type]
-        accounts=tuple(sandbox.accounts.values()),
+        # A group of its own per test, as its topics are.
+        worker=dataclasses.replace(
+            FAST_WORKER, group_id=f"group-{kafka.inbox_topic}", **(worker or {})
+        ),
+        polling=polling or PollSettings(),
+        accounts=tuple(
+            dataclasses.replace(account, **changes.get(provider, {}))
+            for provider, account in sandbox.accounts.items()
+        ),
     )
 
 
@@ -53,6 +75,32 @@ class RunningBridge:
     def url(self) -> str:
         assert self.bridge.url is not None
         return self.bridge.url
+
+    def create(
+        self, provider: str, status: str = "processing", order_id: str | None = None
+    ) -> tuple[str, str]:
+        """A sandbox order in `status`; returns its id and its Kafka key."""
+        account = self.sandbox.accounts[provider].name
+        order = self.sandbox.sandbox.create_order(
+            account,
+            order_id=order_id,
+            status=CODES[provider][status],
+            amount=Decimal("375.28"),
+            currency="USD",
+        )
+        return order.order_id, f"{provider}/{account}/{order.order_id}"
+
+    def move(self, provider: str, order_id: str, status: str | int) -> None:
+        """Changes the order at the provider (no callback)."""
+        code = status if isinstance(status, int) else CODES[provider][status]
+        self.sandbox.sandbox.set_status(self.sandbox.accounts[provider].name, order_id, code)
+
+    async def watch(self, provider: str, order_id: str) -> httpx.Response:
+        account = self.sandbox.accounts[provider].name
+        return await self.http.post(
+            f"{self.url}/orders/watch",
+            json={"provider": provider, "account": account, "order_id": order_id},
+        )
 
     def callback_url(self, provider: str) -> str:
         return f"{self.url}/callbacks/{provider}/{self.sandbox.accounts[provider].name}"
@@ -77,11 +125,12 @@ class RunningBridge:
 
 @contextlib.asynccontextmanager
 async def running_bridge(
-    sandbox: RunningSandbox, kafka: KafkaSettings, **worker_changes: float | int | str
+    sandbox: RunningSandbox, kafka: KafkaSettings, *, worker: bool = True, **changes: Any
 ) -> AsyncIterator[RunningBridge]:
-    config = bridge_config(sandbox, kafka, **worker_changes)
+    """A bridge on the sandbox; `changes` go to `bridge_config` (worker, polling, accounts)."""
+    config = bridge_config(sandbox, kafka, **changes)
     async with (
-        Bridge(config) as bridge,
+        Bridge(config, worker=worker) as bridge,
         httpx.AsyncClient(timeout=10) as http,
         read_topic(kafka, kafka.status_topic) as status,
         read_topic(kafka, kafka.deadletter_topic) as deadletter,

@@ -5,45 +5,24 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-from decimal import Decimal
 
 import pytest
 
 from bridge.config import KafkaSettings
 from bridge.sandbox import Faults
-from tests.bridge_fixtures import RunningBridge, running_bridge
+from tests.bridge_fixtures import CODES, RunningBridge, running_bridge
 from tests.conftest import CutOffBroker, RunningSandbox
 from tests.helpers import SECRETS
 
 PROVIDERS = ["lemft", "lunpay", "kasushou"]
-# Each provider's codes for a processing, a succeeded and a refunded order.
-CODES = {
-    "lemft": {"processing": 0, "succeeded": 1, "refunded": 2},
-    "lunpay": {"processing": 2, "succeeded": 4, "refunded": 6},
-    "kasushou": {"processing": 2, "succeeded": 3, "refunded": 5},
-}
 ISO_UTC = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
-
-
-def create(bridge: RunningBridge, provider: str, status: str = "processing") -> tuple[str, str]:
-    """A sandbox order in `status`; returns its id and its Kafka key."""
-    account = bridge.sandbox.accounts[provider].name
-    order = bridge.sandbox.sandbox.create_order(
-        account, status=CODES[provider][status], amount=Decimal("375.28"), currency="USD"
-    )
-    return order.order_id, f"{provider}/{account}/{order.order_id}"
-
-
-def move(bridge: RunningBridge, provider: str, order_id: str, status: str | int) -> None:
-    code = status if isinstance(status, int) else CODES[provider][status]
-    bridge.sandbox.sandbox.set_status(bridge.sandbox.accounts[provider].name, order_id, code)
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
 async def test_a_callback_gives_one_event_in_the_contracts_shape(
     bridge: RunningBridge, provider: str
 ) -> None:
-    order_id, key = create(bridge, provider)
+    order_id, key = bridge.create(provider)
     response = await bridge.post_callback(provider, order_id)
     assert response.status_code == 200
     assert response.text == ("ok" if provider == "kasushou" else "success")
@@ -86,7 +65,7 @@ async def test_a_callback_gives_one_event_in_the_contracts_shape(
 
 
 async def test_the_same_callback_five_times_gives_one_event(bridge: RunningBridge) -> None:
-    order_id, key = create(bridge, "kasushou", "succeeded")
+    order_id, key = bridge.create("kasushou", "succeeded")
     for _ in range(5):
         assert (await bridge.post_callback("kasushou", order_id)).status_code == 200
     await bridge.events_for(key, 1)
@@ -99,9 +78,9 @@ async def test_the_same_callback_five_times_gives_one_event(bridge: RunningBridg
 async def test_status_changes_give_chained_events_in_order(
     bridge: RunningBridge, provider: str
 ) -> None:
-    order_id, key = create(bridge, provider, "processing")
+    order_id, key = bridge.create(provider, "processing")
     for status in ("processing", "succeeded", "refunded"):
-        move(bridge, provider, order_id, status)
+        bridge.move(provider, order_id, status)
         await bridge.post_callback(provider, order_id)
         await bridge.events_for(key, {"processing": 1, "succeeded": 2, "refunded": 3}[status])
     events = await bridge.events_for(key, 3)
@@ -115,7 +94,7 @@ async def test_status_changes_give_chained_events_in_order(
 async def test_a_forged_success_is_published_as_what_the_provider_says(
     bridge: RunningBridge, provider: str
 ) -> None:
-    order_id, key = create(bridge, provider, "processing")
+    order_id, key = bridge.create(provider, "processing")
     forged = await bridge.post_callback(provider, order_id, status=CODES[provider]["succeeded"])
     assert forged.status_code == 200
     (event,) = await bridge.events_for(key, 1)
@@ -123,8 +102,8 @@ async def test_a_forged_success_is_published_as_what_the_provider_says(
 
 
 async def test_an_unknown_provider_code_gives_an_unknown_event(bridge: RunningBridge) -> None:
-    order_id, key = create(bridge, "lunpay", "processing")
-    move(bridge, "lunpay", order_id, 42)
+    order_id, key = bridge.create("lunpay", "processing")
+    bridge.move("lunpay", order_id, 42)
     await bridge.post_callback("lunpay", order_id)
     (event,) = await bridge.events_for(key, 1)
     assert event.value["status"] == "unknown"
@@ -132,10 +111,10 @@ async def test_an_unknown_provider_code_gives_an_unknown_event(bridge: RunningBr
 
 
 async def test_a_stale_answer_is_not_published(bridge: RunningBridge) -> None:
-    order_id, key = create(bridge, "kasushou", "succeeded")
+    order_id, key = bridge.create("kasushou", "succeeded")
     await bridge.post_callback("kasushou", order_id)
     await bridge.events_for(key, 1)
-    move(bridge, "kasushou", order_id, "refunded")
+    bridge.move("kasushou", order_id, "refunded")
     await bridge.post_callback("kasushou", order_id)
     await bridge.events_for(key, 2)
     # A lagging replica answers the previous state from now on.
@@ -151,7 +130,7 @@ async def test_a_stale_answer_is_not_published(bridge: RunningBridge) -> None:
 
 
 async def test_a_kasushou_card_order_publishes_masked_cards(bridge: RunningBridge) -> None:
-    order_id, key = create(bridge, "kasushou", "succeeded")
+    order_id, key = bridge.create("kasushou", "succeeded")
     await bridge.post_callback("kasushou", order_id)
     (event,) = await bridge.events_for(key, 1)
     order = bridge.sandbox.sandbox.order(bridge.sandbox.accounts["kasushou"].name, order_id)
@@ -169,7 +148,7 @@ async def test_a_kasushou_card_order_publishes_masked_cards(bridge: RunningBridg
 async def test_a_provider_that_stays_down_ends_in_the_dead_letter_topic(
     bridge: RunningBridge,
 ) -> None:
-    order_id, key = create(bridge, "lemft")
+    order_id, key = bridge.create("lemft")
     bridge.sandbox.sandbox.set_faults(bridge.sandbox.accounts["lemft"].name, Faults(down=True))
     assert (await bridge.post_callback("lemft", order_id)).status_code == 200
     (record,) = await bridge.deadletter.wait_for(
@@ -183,13 +162,8 @@ async def test_a_provider_that_stays_down_ends_in_the_dead_letter_topic(
 
 
 async def test_watch_request_confirms_an_order_without_callback(bridge: RunningBridge) -> None:
-    order_id, key = create(bridge, "lunpay", "succeeded")
-    account = bridge.sandbox.accounts["lunpay"].name
-    response = await bridge.http.post(
-        f"{bridge.url}/orders/watch",
-        json={"provider": "lunpay", "account": account, "order_id": order_id},
-    )
-    assert response.status_code == 202
+    order_id, key = bridge.create("lunpay", "succeeded")
+    assert (await bridge.watch("lunpay", order_id)).status_code == 202
     (event,) = await bridge.events_for(key, 1)
     assert (event.value["status"], event.value["trigger"]) == ("succeeded", "watch")
 
@@ -198,12 +172,12 @@ async def test_restart_keeps_deduplication(
     sandbox: RunningSandbox, kafka_settings: KafkaSettings
 ) -> None:
     async with running_bridge(sandbox, kafka_settings) as first:
-        order_id, key = create(first, "lemft", "succeeded")
+        order_id, key = first.create("lemft", "succeeded")
         await first.post_callback("lemft", order_id)
         await first.events_for(key, 1)
     async with running_bridge(sandbox, kafka_settings) as second:
         await second.post_callback("lemft", order_id)
-        move(second, "lemft", order_id, "refunded")
+        second.move("lemft", order_id, "refunded")
         await second.post_callback("lemft", order_id)
         events = await second.events_for(key, 2)
     assert [(e.value["previous_status"], e.value["status"]) for e in events] == [
@@ -232,7 +206,7 @@ async def test_with_kafka_away_callbacks_get_503_and_retries_are_all_published(
     sandbox: RunningSandbox, cut_off_broker: CutOffBroker
 ) -> None:
     async with running_bridge(sandbox, cut_off_broker.settings) as bridge:
-        orders = [create(bridge, provider, "succeeded") for provider in PROVIDERS]
+        orders = [bridge.create(provider, "succeeded") for provider in PROVIDERS]
         await cut_off_broker.proxy.cut()
         for (order_id, _), provider in zip(orders, PROVIDERS, strict=True):
             refused = await bridge.post_callback(provider, order_id)

@@ -98,7 +98,7 @@ def snapshot(status: Status, code: int | str = 1) -> OrderSnapshot:
 
 
 def state(status: Status, code: int | str = 1) -> OrderState:
-    return OrderState(status=status, code=code, event_id="e", published_at="t")
+    return OrderState(first_seen=0.0, status=status, code=code, event_id="e", published_at=1.0)
 
 
 @pytest.mark.parametrize(

@@ -235,7 +235,14 @@ class Sandbox:
             if not recorded:
                 recorded = True
                 self._book.queries.append(
-                    QueryRecord(provider.name, name, query.order_ids, received_at, outcome)
+                    QueryRecord(
+                        provider.name,
+                        name,
+                        query.order_ids,
+                        received_at,
+                        outcome,
+                        request.headers.get("user-agent", ""),
+                    )
                 )
                 self._wake_watchers()
 

@@ -93,6 +93,8 @@ class QueryRecord:
     received_at: float
     # ok, not_found, stale, bad_sign, unknown_account, malformed, bad_path, fault, down, hang
     outcome: str
+    # The caller's User-Agent: tells apart bridge instances querying one account.
+    client: str = ""
 
 
 class OrderBook:

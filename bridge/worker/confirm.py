@@ -7,13 +7,10 @@ import logging
 import random
 import time
 
-import httpx
-
 from bridge.config import Account, WorkerSettings
 from bridge.errors import ProviderError
-from bridge.metrics import Metrics
 from bridge.orders import OrderSnapshot
-from bridge.query import query_order
+from bridge.worker.gateway import Gateways
 
 log = logging.getLogger(__name__)
 
@@ -35,14 +32,14 @@ def backoff(attempt: int, initial: float, maximum: float) -> float:
 
 
 class Confirmer:
-    def __init__(self, http: httpx.AsyncClient, settings: WorkerSettings, metrics: Metrics) -> None:
-        self._http = http
+    """Asks providers about orders through each account's gateway (rate limit, batches)."""
+
+    def __init__(self, gateways: Gateways, settings: WorkerSettings) -> None:
+        self._gateways = gateways
         self._settings = settings
-        self._metrics = metrics
-        self._limits: dict[str, asyncio.Semaphore] = {}
 
     async def confirm(self, account: Account, order_id: str) -> OrderSnapshot:
-        """The order as the provider confirms it.
+        """The order as the provider confirms it, for a hint: urgent, retried.
 
         Raises the `ProviderError` at once when it is permanent, and `Unconfirmed`
         when transient errors outlast the retry budget.
@@ -53,7 +50,7 @@ class Confirmer:
         while True:
             attempt += 1
             try:
-                snapshot = await self.query(account, order_id)
+                return await self.query(account, order_id, urgent=True)
             except ProviderError as exc:
                 if not exc.transient:
                     raise
@@ -62,22 +59,7 @@ class Confirmer:
                     raise Unconfirmed(exc, attempt) from exc
                 log.warning("%s; attempt %d, again in %.1fs", exc, attempt, delay)
                 await asyncio.sleep(delay)
-            else:
-                return snapshot
 
-    async def query(self, account: Account, order_id: str) -> OrderSnapshot:
-        """One signed query, within the account's limit on concurrent queries."""
-        limit = self._limits.get(account.name)
-        if limit is None:
-            limit = self._limits[account.name] = asyncio.Semaphore(account.max_concurrent_queries)
-        labels = {"provider": account.provider, "account": account.name}
-        async with limit:
-            try:
-                snapshot = await query_order(self._http, account, order_id)
-            except ProviderError as exc:
-                self._metrics.inc(
-                    "order_bridge_queries_total", outcome=type(exc).__name__, **labels
-                )
-                raise
-        self._metrics.inc("order_bridge_queries_total", outcome="ok", **labels)
-        return snapshot
+    async def query(self, account: Account, order_id: str, *, urgent: bool) -> OrderSnapshot:
+        """One query; polls (`urgent=False`) wait behind hints for the account's rate."""
+        return await self._gateways.for_account(account).query(order_id, urgent=urgent)

@@ -2,8 +2,10 @@
 
 It takes hints from its partitions, runs each order's hints in order (different
 orders at once), and commits an offset only when every hint before it is done.
-On a rebalance or SIGTERM it gives in-flight hints `drain_timeout` seconds, then
-hands the rest back uncommitted: their next owner does them again.
+It also polls the orders of its partitions that are not final yet: polls run in
+the same per-order lanes as hints, so one order is never confirmed twice at once.
+On a rebalance or SIGTERM it gives in-flight work `drain_timeout` seconds, then
+hands the rest back uncommitted: the partitions' next owner does it again.
 """
 
 from __future__ import annotations
@@ -25,9 +27,11 @@ from bridge.kafka import Producer, client_options
 from bridge.metrics import Metrics
 from bridge.state import StateStore
 from bridge.worker.confirm import Confirmer
+from bridge.worker.gateway import Gateways
 from bridge.worker.handler import HintHandler
 from bridge.worker.lanes import OrderLanes
 from bridge.worker.offsets import PartitionOffsets
+from bridge.worker.polls import PollSchedule
 
 log = logging.getLogger(__name__)
 
@@ -49,17 +53,29 @@ class Worker:
             fetch_max_wait_ms=100,
         )
         self._state = StateStore(config.kafka)
+        self._schedule = PollSchedule()
+        self._gateways = Gateways(http, metrics)
         self._handler = HintHandler(
-            config, producer, self._state, Confirmer(http, settings, metrics), metrics
+            config,
+            producer,
+            self._state,
+            self._schedule,
+            Confirmer(self._gateways, settings),
+            metrics,
         )
         self._lanes: dict[int, OrderLanes] = {}
         self._offsets: dict[int, PartitionOffsets] = {}
-        self._task: asyncio.Task[None] | None = None
+        # Polls handed to lanes and not finished, by partition: a release drops its count
+        # with the partition, since cancelled lanes never run the jobs queued in them.
+        self._polls_in_flight: dict[int, int] = {}
+        # Set when the poll loop should look at the schedule again now.
+        self._wake = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
 
     @property
     def running(self) -> bool:
-        return self._task is not None and not self._task.done()
+        return bool(self._tasks) and not any(task.done() for task in self._tasks)
 
     @property
     def in_flight(self) -> int:
@@ -67,23 +83,27 @@ class Worker:
 
     async def start(self) -> None:
         """Joins the group; hints flow once partitions are assigned and their state restored."""
-        if self._task is not None:
+        if self._tasks:
             return
         self._consumer.subscribe([self._config.kafka.inbox_topic], listener=_Rebalance(self))
         await self._consumer.start()
-        self._task = asyncio.create_task(self._run(), name="worker")
+        self._tasks = [
+            asyncio.create_task(self._run(), name="worker inbox"),
+            asyncio.create_task(self._poll(), name="worker polls"),
+        ]
 
     async def stop(self) -> None:
         """Stops fetching, lets in-flight hints finish (bounded), commits, leaves the group."""
-        if self._task is None:
+        if not self._tasks:
             return
         self._stopping = True
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
+        self._wake.set()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         await self._release(list(self._lanes))
+        await self._gateways.aclose()
         await self._leave_group()
         await self._consumer.stop()
-        self._task = None
+        self._tasks = []
 
     async def _run(self) -> None:
         settings = self._config.worker
@@ -102,6 +122,28 @@ class Worker:
             if time.monotonic() >= next_commit:
                 await self._commit()
                 next_commit = time.monotonic() + settings.commit_interval
+
+    async def _poll(self) -> None:
+        """Hands due polls to their orders' lanes, no more than max_in_flight at once."""
+        while not self._stopping:
+            room = self._config.worker.max_in_flight - sum(self._polls_in_flight.values())
+            for partition, key in self._schedule.due(time.time(), room):
+                self._polls_in_flight[partition] = self._polls_in_flight.get(partition, 0) + 1
+                lanes = self._lanes.setdefault(partition, OrderLanes())
+                lanes.submit(key, partial(self._poll_one, partition, key))
+            next_due = self._schedule.next_due()
+            # Handlers schedule new polls without waking this loop: look again soon.
+            wait = 0.25 if next_due is None else min(0.25, max(0.01, next_due - time.time()))
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), wait)
+
+    async def _poll_one(self, partition: int, key: str) -> None:
+        try:
+            await self._handler.poll(partition, key)
+        finally:
+            if partition in self._polls_in_flight:
+                self._polls_in_flight[partition] -= 1
 
     def _take(self, partition: int, record: ConsumerRecord) -> None:
         offsets = self._offsets.setdefault(partition, PartitionOffsets())
@@ -155,11 +197,17 @@ class Worker:
         for partition in partitions:
             self._lanes.pop(partition, None)
             self._offsets.pop(partition, None)
+            self._polls_in_flight.pop(partition, None)
         self._state.forget(partitions)
+        self._schedule.forget(partitions)
         self._metrics.set("order_bridge_orders_known", len(self._state))
 
     async def _assigned(self, partitions: list[int]) -> None:
         await self._state.restore(partitions)
+        for partition in partitions:
+            for key, state in self._state.items(partition):
+                self._schedule.set(partition, key, state.next_poll)
+        self._wake.set()
         self._metrics.set("order_bridge_orders_known", len(self._state))
         log.info("owning inbox partitions %s", sorted(partitions))
 

@@ -1,23 +1,31 @@
-"""One hint, start to finish: confirm the order, then publish what changed or dead-letter."""
+"""Confirming one order, start to finish: for a hint from the inbox or a due poll.
+
+Every confirmation ends in the order's new state record: what was published, and
+when to ask again. An order is followed from its first hint until its status is
+final, so one whose callbacks never come still reaches a final event.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import enum
 import logging
+import time
+from dataclasses import dataclass
 
 from aiokafka.errors import KafkaError
 
-from bridge.config import Config
+from bridge.config import Account, Config
 from bridge.deadletter import Reason, dead_letter
 from bridge.errors import OrderNotFound, ProviderError, UnknownAccount
-from bridge.events import StatusEvent, iso, utc_now
+from bridge.events import StatusEvent, Trigger, iso, utc_now
 from bridge.inbox import InboxRecord
 from bridge.kafka import Producer
 from bridge.metrics import Metrics
-from bridge.orders import OrderSnapshot
+from bridge.orders import OrderSnapshot, order_key
 from bridge.state import OrderState, StateStore
 from bridge.worker.confirm import Confirmer, Unconfirmed, backoff
+from bridge.worker.polls import PollSchedule
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +39,7 @@ class Decision(enum.Enum):
 
 def decide(previous: OrderState | None, snapshot: OrderSnapshot) -> Decision:
     """Whether a confirmed snapshot is news. Status only moves forward; `unknown` always shows."""
-    if previous is None:
+    if previous is None or previous.status is None:
         return Decision.PUBLISH
     if (previous.status, previous.code) == (snapshot.status, snapshot.provider_status.code):
         return Decision.UNCHANGED
@@ -41,116 +49,223 @@ def decide(previous: OrderState | None, snapshot: OrderSnapshot) -> Decision:
     return Decision.PUBLISH
 
 
+@dataclass(frozen=True)
+class _Order:
+    """The order one confirmation is about."""
+
+    partition: int
+    account: Account
+    order_id: str
+    # The inbox record that asked, when it was not a poll.
+    record: InboxRecord | None
+
+    @property
+    def key(self) -> str:
+        return order_key(self.account.provider, self.account.name, self.order_id)
+
+
 class HintHandler:
     def __init__(
         self,
         config: Config,
         producer: Producer,
         state: StateStore,
+        schedule: PollSchedule,
         confirmer: Confirmer,
         metrics: Metrics,
     ) -> None:
         self._config = config
         self._producer = producer
         self._state = state
+        self._schedule = schedule
         self._confirmer = confirmer
         self._metrics = metrics
 
     async def handle(self, partition: int, value: bytes | None) -> None:
+        """One inbox record: a callback, watch request or replay."""
         try:
             record = InboxRecord.decode(value or b"")
         except ValueError as exc:
-            await self._dead_letter("unreadable", str(exc), "?", "?")
+            await self._write_dead_letter("unreadable", str(exc), "?", "?", "?")
             return
         try:
             account = self._config.account(record.provider, record.account)
         except UnknownAccount as exc:
-            await self._dead_letter("rejected", str(exc), record.provider, record.account, record)
-            return
-        settings = self._config.worker
-        for stale_attempt in range(settings.stale_retries + 1):
-            try:
-                snapshot = await self._confirmer.confirm(account, record.order_id)
-            except Unconfirmed as exc:
-                await self._dead_letter(
-                    "unconfirmed", str(exc), account.provider, account.name, record, exc.attempts
-                )
-                return
-            except OrderNotFound as exc:
-                await self._dead_letter(
-                    "not_found", str(exc), account.provider, account.name, record
-                )
-                return
-            except ProviderError as exc:
-                await self._dead_letter(
-                    "rejected", str(exc), account.provider, account.name, record
-                )
-                return
-            previous = self._state.get(partition, record.key)
-            decision = decide(previous, snapshot)
-            if decision is Decision.PUBLISH:
-                await self._publish(partition, record, snapshot, previous)
-            elif decision is Decision.STALE:
-                assert previous is not None
-                self._metrics.inc("order_bridge_stale_answers_total", provider=account.provider)
-                log.info(
-                    "%s: provider says %s, %s was published already; asking again later",
-                    record.key,
-                    snapshot.status,
-                    previous.status,
-                )
-                if stale_attempt < settings.stale_retries:
-                    await asyncio.sleep(
-                        backoff(stale_attempt + 1, settings.retry_initial, settings.retry_max)
-                    )
-                    continue
-            self._metrics.inc(
-                "order_bridge_hints_total", provider=account.provider, outcome=decision.value
+            await self._write_dead_letter(
+                "rejected", str(exc), record.provider, record.account, record.order_id, record
             )
             return
+        await self._confirm(partition, account, record.order_id, record.trigger, record)
 
-    async def _publish(
+    async def poll(self, partition: int, key: str) -> None:
+        """One due poll of an order this worker follows."""
+        provider, account_name, order_id = key.split("/", 2)
+        try:
+            account = self._config.account(provider, account_name)
+        except UnknownAccount:
+            log.warning("%s: its account is no longer configured; not polled any more", key)
+            self._remember(partition, key, self._state.get(partition, key), None)
+            return
+        await self._confirm(partition, account, order_id, "poll")
+
+    async def _confirm(
         self,
         partition: int,
-        record: InboxRecord,
-        snapshot: OrderSnapshot,
-        previous: OrderState | None,
+        account: Account,
+        order_id: str,
+        trigger: Trigger,
+        record: InboxRecord | None = None,
     ) -> None:
+        order = _Order(partition, account, order_id, record)
+        previous = self._state.get(partition, order.key)
+        now = time.time()
+        known = previous or OrderState(first_seen=now)
+        polling = self._config.polling
+        try:
+            if trigger == "poll":
+                snapshot = await self._confirmer.query(account, order_id, urgent=False)
+            else:
+                snapshot = await self._confirmer.confirm(account, order_id)
+        except OrderNotFound as exc:
+            misses = known.misses + 1
+            next_poll: float | None = now + polling.interval(misses - 1)
+            if misses > polling.not_found_retries:
+                await self._dead_letter(order, "not_found", str(exc))
+                next_poll = None
+            await self._finish(order, known, "not_found", next_poll, misses=misses)
+            return
+        except Unconfirmed as exc:
+            # The hint is dead-lettered, but the order stays followed: polls go on.
+            await self._dead_letter(order, "unconfirmed", str(exc), exc.attempts)
+            await self._finish(order, known, "unconfirmed", now + polling.interval(0))
+            return
+        except ProviderError as exc:
+            if exc.transient:  # only polls get here: the next poll is their retry
+                next_poll = now + polling.interval(known.polls)
+                await self._finish(order, known, "poll_failed", next_poll)
+                return
+            await self._dead_letter(order, "rejected", str(exc))
+            await self._finish(order, known, "rejected", None)
+            return
+
+        decision = decide(previous, snapshot)
+        if decision is Decision.PUBLISH:
+            known = await self._publish(order.key, snapshot, known, trigger)
+        elif decision is Decision.STALE:
+            self._metrics.inc("order_bridge_stale_answers_total", provider=account.provider)
+            log.info(
+                "%s: provider says %s, %s was published already; asking again soon",
+                order.key,
+                snapshot.status,
+                known.status,
+            )
+        polls = known.polls + 1 if decision is Decision.UNCHANGED else 0
+        done = known.status is not None and known.status.is_final
+        next_poll = None if done else now + polling.interval(polls)
+        await self._finish(order, known, decision.value, next_poll, polls=polls, misses=0)
+
+    async def _finish(
+        self,
+        order: _Order,
+        known: OrderState,
+        outcome: str,
+        next_poll: float | None,
+        *,
+        polls: int | None = None,
+        misses: int | None = None,
+    ) -> None:
+        """Stops following an order past its max age, then saves and schedules it."""
+        age = time.time() - known.first_seen
+        if next_poll is not None and age > self._config.polling.max_age:
+            status = known.status or "unconfirmed"
+            detail = f"still {status} after {age / 3600:.1f} h: no longer polled"
+            await self._dead_letter(order, "stale", detail)
+            next_poll = None
+        await self._save(order.partition, order.key, known, next_poll, polls, misses)
+        self._metrics.inc(
+            "order_bridge_hints_total", provider=order.account.provider, outcome=outcome
+        )
+
+    async def _publish(
+        self, key: str, snapshot: OrderSnapshot, known: OrderState, trigger: Trigger
+    ) -> OrderState:
         event = StatusEvent(
             snapshot=snapshot,
-            previous_status=None if previous is None else previous.status,
-            previous_event_id=None if previous is None else previous.event_id,
-            trigger=record.trigger,
+            previous_status=known.status,
+            previous_event_id=known.event_id,
+            trigger=trigger,
             observed_at=utc_now(),
         )
-        kafka = self._config.kafka
-        # The event first, then the memory of it: a crash in between re-publishes the
-        # same change with the same ce_id, never loses it.
-        await self._send(kafka.status_topic, record.key, event.value(), event.headers())
-        state = OrderState(
-            status=snapshot.status,
-            code=snapshot.provider_status.code,
-            event_id=event.id,
-            published_at=iso(event.observed_at),
-        )
-        await self._send(kafka.state_topic, record.key, state.encode())
-        self._state.put(partition, record.key, state)
+        # The event first, then the memory of it (saved by the caller): a crash in
+        # between re-publishes the same change with the same ce_id, never loses it.
+        await self._send(self._config.kafka.status_topic, key, event.value(), event.headers())
         self._metrics.inc("order_bridge_events_published_total", status=snapshot.status.value)
         log.info(
             "%s: %s -> %s (%s, ce_id %s)",
-            record.key,
-            event.previous_status or "new",
+            key,
+            known.status or "new",
             snapshot.status,
-            record.trigger,
+            trigger,
             event.id,
         )
+        return OrderState(
+            first_seen=known.first_seen,
+            status=snapshot.status,
+            code=snapshot.provider_status.code,
+            event_id=event.id,
+            published_at=event.observed_at.timestamp(),
+        )
+
+    async def _save(
+        self,
+        partition: int,
+        key: str,
+        known: OrderState,
+        next_poll: float | None,
+        polls: int | None,
+        misses: int | None,
+    ) -> None:
+        """Writes the order's new state record (when it changed) and schedules its next poll."""
+        state = OrderState(
+            first_seen=known.first_seen,
+            status=known.status,
+            code=known.code,
+            event_id=known.event_id,
+            published_at=known.published_at,
+            next_poll=next_poll,
+            polls=known.polls if polls is None else polls,
+            misses=known.misses if misses is None else misses,
+        )
+        if state != self._state.get(partition, key):
+            await self._send(self._config.kafka.state_topic, key, state.encode())
+        self._remember(partition, key, state, next_poll)
+
+    def _remember(
+        self, partition: int, key: str, state: OrderState | None, next_poll: float | None
+    ) -> None:
+        if state is not None:
+            self._state.put(partition, key, state)
+        self._schedule.set(partition, key, next_poll)
 
     async def _dead_letter(
+        self, order: _Order, reason: Reason, detail: str, attempts: int = 0
+    ) -> None:
+        provider, account = order.account.provider, order.account.name
+        # A poll has no inbox record: one naming the order keeps the dead letter replayable.
+        record = order.record or InboxRecord(
+            provider, account, order.order_id, "poll", received_at=iso(utc_now())
+        )
+        await self._write_dead_letter(
+            reason, detail, provider, account, order.order_id, record, attempts
+        )
+
+    async def _write_dead_letter(
         self,
         reason: Reason,
         detail: str,
         provider: str,
         account: str,
+        order_id: str,
         record: InboxRecord | None = None,
         attempts: int = 0,
     ) -> None:
@@ -159,20 +274,19 @@ class HintHandler:
             detail,
             provider=provider,
             account=account,
-            order_id=None if record is None else record.order_id,
+            order_id=order_id,
             record=record,
             attempts=attempts,
         )
-        key = record.key if record is not None else f"{provider}/{account}"
+        key = order_key(provider, account, order_id)
         await self._send(self._config.kafka.deadletter_topic, key, value, headers)
         self._metrics.inc("order_bridge_deadletters_total", reason=reason)
-        self._metrics.inc("order_bridge_hints_total", provider=provider, outcome=reason)
         log.warning("dead-lettered %s: %s: %s", key, reason, detail)
 
     async def _send(
         self, topic: str, key: str, value: bytes, headers: list[tuple[str, bytes]] | None = None
     ) -> None:
-        """Sends until Kafka acks: the hint is not done, nor its offset committed, before."""
+        """Sends until Kafka acks: the work is not done, nor its offset committed, before."""
         attempt = 0
         while True:
             try:

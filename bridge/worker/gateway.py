@@ -1,0 +1,245 @@
+"""The one way out to a provider account: rate-limited, callbacks first, batched, bounded.
+
+Every order-detail query to one account goes through its `AccountGateway`. A
+single dispatcher task waits for a waiting request, then a token from the
+account's bucket, then a free concurrency slot, and only then forms the batch.
+While the rate or concurrency limit binds, requests pile up and leave together
+in one query, so batching needs no timer and costs no latency when idle.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
+
+import httpx
+
+from bridge import providers
+from bridge.config import Account
+from bridge.errors import OrderNotFound
+from bridge.metrics import Metrics
+from bridge.orders import OrderSnapshot
+from bridge.query import query_orders
+
+# One signed query for several order ids; answers the orders the provider knows.
+Send = Callable[[Sequence[str]], Awaitable[list[OrderSnapshot]]]
+
+_Waiter = tuple[str, asyncio.Future[OrderSnapshot]]
+# The waiters of one query, by order id: two waiters for one id share its answer.
+_Batch = dict[str, list[asyncio.Future[OrderSnapshot]]]
+
+
+class _TokenBucket:
+    """`rate` tokens a second, at most `burst` saved up; starts full."""
+
+    def __init__(self, rate: float, burst: int) -> None:
+        self._rate = rate
+        self._burst = float(burst)
+        self._tokens = float(burst)
+        self._stamp = time.monotonic()
+
+    async def take(self) -> None:
+        self._refill()
+        while self._tokens < 1:
+            await asyncio.sleep((1 - self._tokens) / self._rate)
+            self._refill()
+        self._tokens -= 1
+
+    def refund(self) -> None:
+        self._tokens = min(self._burst, self._tokens + 1)
+
+    def _refill(self) -> None:
+        now = time.monotonic()
+        self._tokens = min(self._burst, self._tokens + (now - self._stamp) * self._rate)
+        self._stamp = now
+
+
+class AccountGateway:
+    """Order-detail queries to one provider account, within its limits.
+
+    `rate` queries a second with bursts of `burst`, each carrying up to
+    `max_batch` ids, at most `max_concurrent` at once. Urgent requests (callback,
+    watch and replay hints) go before polls.
+    """
+
+    def __init__(
+        self,
+        send: Send,
+        *,
+        rate: float,
+        burst: int,
+        max_batch: int,
+        max_concurrent: int,
+        provider: str = "",
+        account: str = "",
+        name: str = "",
+    ) -> None:
+        if rate <= 0 or burst < 1 or max_batch < 1 or max_concurrent < 1:
+            raise ValueError("rate must be > 0; burst, max_batch and max_concurrent >= 1")
+        self._send = send
+        self._bucket = _TokenBucket(rate, burst)
+        self._max_batch = max_batch
+        self._slots = asyncio.Semaphore(max_concurrent)
+        self._provider = provider
+        self._account = account
+        self._name = name or f"{provider}/{account}"
+        self._urgent: deque[_Waiter] = deque()
+        self._polls: deque[_Waiter] = deque()
+        self._wakeup = asyncio.Event()
+        self._dispatcher: asyncio.Task[None] | None = None
+        self._batches: set[asyncio.Task[None]] = set()
+        self._closed = False
+
+    async def query(self, order_id: str, *, urgent: bool) -> OrderSnapshot:
+        """The order as the provider confirms it.
+
+        Raises `OrderNotFound` when the answer leaves the order out, or the error
+        the query raised (the same object for every order of that query).
+        """
+        if self._closed:
+            raise RuntimeError(f"gateway {self._name} is closed")
+        if self._dispatcher is None:
+            self._dispatcher = asyncio.create_task(self._dispatch(), name=f"gateway-{self._name}")
+        future: asyncio.Future[OrderSnapshot] = asyncio.get_running_loop().create_future()
+        (self._urgent if urgent else self._polls).append((order_id, future))
+        self._wakeup.set()
+        # A waiter cancelled here cancels `future`; the dispatcher then skips it.
+        return await future
+
+    async def aclose(self) -> None:
+        """Stops dispatching; waiting and in-flight requests get `CancelledError`."""
+        self._closed = True
+        tasks = [*self._batches, *([self._dispatcher] if self._dispatcher else [])]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for _, future in (*self._urgent, *self._polls):
+            future.cancel()
+        self._urgent.clear()
+        self._polls.clear()
+
+    async def _dispatch(self) -> None:
+        while True:
+            while not self._has_waiter():
+                self._wakeup.clear()
+                await self._wakeup.wait()
+            await self._bucket.take()
+            await self._slots.acquire()
+            batch = self._take_batch()
+            if not batch:
+                # Everyone waiting gave up (cancelled) while we waited for the limits.
+                self._bucket.refund()
+                self._slots.release()
+                continue
+            task = asyncio.create_task(self._run(batch))
+            self._batches.add(task)
+            # A callback, not `finally`: a task cancelled before it starts runs no code.
+            task.add_done_callback(functools.partial(self._finished, batch))
+
+    def _finished(self, batch: _Batch, task: asyncio.Task[None]) -> None:
+        self._batches.discard(task)
+        self._slots.release()
+        # Left pending only when the query was cancelled (aclose).
+        for future in _pending(batch):
+            future.cancel()
+
+    def _has_waiter(self) -> bool:
+        for queue in (self._urgent, self._polls):
+            while queue and queue[0][1].done():
+                queue.popleft()
+            if queue:
+                return True
+        return False
+
+    def _take_batch(self) -> _Batch:
+        """Up to `max_batch` distinct ids, urgent first; waiters for one id share it."""
+        batch: _Batch = {}
+        for queue in (self._urgent, self._polls):
+            while queue:
+                order_id, future = queue[0]
+                if not future.done():
+                    if order_id not in batch and len(batch) >= self._max_batch:
+                        return batch
+                    batch.setdefault(order_id, []).append(future)
+                queue.popleft()
+        return batch
+
+    async def _run(self, batch: _Batch) -> None:
+        try:
+            snapshots = await self._send(list(batch))
+        except Exception as exc:
+            # Any failure, a bug included, belongs to the waiters; the dispatcher goes on.
+            for future in _pending(batch):
+                future.set_exception(exc)
+            return
+        found = {snapshot.order_id: snapshot for snapshot in snapshots}
+        for order_id, futures in batch.items():
+            for future in futures:
+                if future.done():
+                    continue
+                if order_id in found:
+                    future.set_result(found[order_id])
+                else:
+                    future.set_exception(self._not_found(order_id))
+
+    def _not_found(self, order_id: str) -> OrderNotFound:
+        return OrderNotFound(
+            self._provider, self._account, order_id, "the provider does not know it"
+        )
+
+
+def _pending(batch: _Batch) -> list[asyncio.Future[OrderSnapshot]]:
+    return [future for futures in batch.values() for future in futures if not future.done()]
+
+
+class Gateways:
+    """One `AccountGateway` per account, built when the account is first queried."""
+
+    def __init__(self, http: httpx.AsyncClient, metrics: Metrics) -> None:
+        self._http = http
+        self._metrics = metrics
+        self._gateways: dict[str, AccountGateway] = {}
+
+    def for_account(self, account: Account) -> AccountGateway:
+        """The account's gateway; `max_batch` is clamped to what its provider allows."""
+        gateway = self._gateways.get(account.name)
+        if gateway is None:
+            most = providers.get(account.provider).max_batch
+            gateway = self._gateways[account.name] = AccountGateway(
+                self._sender(account),
+                rate=account.query_rate,
+                burst=account.query_burst,
+                max_batch=most if account.max_batch is None else min(account.max_batch, most),
+                max_concurrent=account.max_concurrent_queries,
+                provider=account.provider,
+                account=account.name,
+            )
+        return gateway
+
+    async def aclose(self) -> None:
+        """Closes every gateway; they stay closed, so a late query fails instead of leaking."""
+        await asyncio.gather(*(gateway.aclose() for gateway in self._gateways.values()))
+
+    def _sender(self, account: Account) -> Send:
+        def count(outcome: str) -> None:
+            self._metrics.inc(
+                "order_bridge_queries_total",
+                provider=account.provider,
+                account=account.name,
+                outcome=outcome,
+            )
+
+        async def send(order_ids: Sequence[str]) -> list[OrderSnapshot]:
+            # Counted once a query, however many ids it carries: that is what the rate limits.
+            try:
+                snapshots = await query_orders(self._http, account, order_ids)
+            except Exception as exc:
+                count(type(exc).__name__)
+                raise
+            count("ok")
+            return snapshots
+
+        return send

@@ -68,6 +68,17 @@ def _parser() -> argparse.ArgumentParser:
     _add_config_option(tail)
     tail.set_defaults(run=_tail)
 
+    replay = commands.add_parser(
+        "replay", help="write dead letters back into the inbox, to be confirmed again"
+    )
+    replay.add_argument(
+        "--reason", action="append", default=[], help="only this reason (repeatable)"
+    )
+    replay.add_argument("--order", metavar="KEY", help="only this order: provider/account/id")
+    replay.add_argument("--dry-run", action="store_true", help="count, write nothing")
+    _add_config_option(replay)
+    replay.set_defaults(run=_replay)
+
     dev = commands.add_parser("dev", help="everything on this machine, no setup: a demo")
     dev.add_argument("--once", action="store_true", help="exit when the demo story is done")
     dev.add_argument("--port", type=int, default=0, help="the bridge's HTTP port (default: free)")
@@ -105,6 +116,19 @@ def _tail(args: argparse.Namespace) -> int:
     from bridge.tail import tail
 
     asyncio.run(tail(load_config(args.config).kafka, from_beginning=args.from_beginning))
+    return 0
+
+
+def _replay(args: argparse.Namespace) -> int:
+    from bridge.replay import replay
+
+    settings = load_config(args.config).kafka
+    counts = asyncio.run(
+        replay(settings, reasons=args.reason, order_key=args.order, dry_run=args.dry_run)
+    )
+    verb = "would replay" if args.dry_run else "replayed"
+    by_reason = ", ".join(f"{reason} {n}" for reason, n in sorted(counts.items()))
+    print(f"{verb} {sum(counts.values())} dead letters" + (f" ({by_reason})" if counts else ""))
     return 0
 
 

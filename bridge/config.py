@@ -24,6 +24,8 @@ from bridge.errors import ConfigError, UnknownAccount
 from bridge.redact import Secret
 
 CONFIG_ENV = "ORDER_BRIDGE_CONFIG"
+# Numeric settings must be above zero, but for these, where 0 means something.
+_ZERO_ALLOWED = frozenset({"port", "not_found_retries"})
 ACCOUNT_NAME = re.compile(r"[a-z0-9-]+")
 
 
@@ -209,6 +211,15 @@ def build(cls: type[T], table: Mapping[str, Any], path: str, env: Mapping[str, s
 
 
 def _coerce(value: Any, hint: Any, key: str, env: Mapping[str, str]) -> Any:
+    coerced = _coerce_type(value, hint, key, env)
+    if isinstance(coerced, int | float) and not isinstance(coerced, bool):
+        name = key.rsplit(".", 1)[-1]
+        if coerced < 0 or (coerced == 0 and name not in _ZERO_ALLOWED):
+            raise ConfigError(key, f"must be greater than 0, got {coerced!r}")
+    return coerced
+
+
+def _coerce_type(value: Any, hint: Any, key: str, env: Mapping[str, str]) -> Any:
     if isinstance(value, str):
         value = _resolve_reference(value, key, env)
     options = typing.get_args(hint) if _is_union(hint) else (hint,)

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import AsyncIterator
 from typing import Any
 
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError
 from aiokafka.helpers import create_ssl_context
-from aiokafka.structs import RecordMetadata
+from aiokafka.structs import ConsumerRecord, RecordMetadata
 
 from bridge.config import KafkaSettings
 from bridge.errors import StartupError
@@ -89,6 +90,38 @@ async def _partition_counts(admin: AIOKafkaAdminClient, topics: list[str]) -> di
             )
         counts[name] = len(description["partitions"])
     return counts
+
+
+async def read_to_end(
+    settings: KafkaSettings, topic: str, partitions: list[int] | None = None
+) -> AsyncIterator[ConsumerRecord]:
+    """Every record of `partitions` of `topic` (all when None), oldest first, up to the
+    end they have now; without a consumer group."""
+    consumer = AIOKafkaConsumer(
+        **client_options(settings), enable_auto_commit=False, fetch_max_wait_ms=50
+    )
+    await consumer.start()
+    try:
+        if partitions is None:
+            partitions = sorted(consumer.partitions_for_topic(topic) or ())
+        tps = [TopicPartition(topic, p) for p in partitions]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        ends = await consumer.end_offsets(tps)
+        pending = {tp for tp in tps if ends[tp] > 0}
+        while pending:
+            batches = await consumer.getmany(*pending, timeout_ms=200)
+            for records in batches.values():
+                for record in records:
+                    yield record
+            for tp in list(pending):
+                # Some brokers under-report end_offsets after a batched write: the
+                # high-water mark of a fetch is the end that counts.
+                end = max(ends[tp], consumer.highwater(tp) or 0)
+                if await consumer.position(tp) >= end:
+                    pending.discard(tp)
+    finally:
+        await consumer.stop()
 
 
 class Producer:

@@ -13,11 +13,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import orjson
-from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from bridge.config import KafkaSettings
 from bridge.events import iso
-from bridge.kafka import client_options
+from bridge.kafka import read_to_end
 from bridge.orders import Status
 
 log = logging.getLogger(__name__)
@@ -111,34 +110,14 @@ class StateStore:
         """Reads `partitions` of the state topic from the beginning: last record per key wins."""
         started = time.monotonic()
         topic = self._settings.state_topic
-        consumer = AIOKafkaConsumer(
-            **client_options(self._settings), enable_auto_commit=False, fetch_max_wait_ms=50
-        )
-        await consumer.start()
-        try:
-            tps = [TopicPartition(topic, p) for p in partitions]
-            consumer.assign(tps)
-            await consumer.seek_to_beginning(*tps)
-            ends = await consumer.end_offsets(tps)
-            restored: dict[int, dict[str, OrderState]] = {p: {} for p in partitions}
-            pending = {tp for tp in tps if ends[tp] > 0}
-            while pending:
-                batches = await consumer.getmany(*pending, timeout_ms=200)
-                for tp, records in batches.items():
-                    for record in records:
-                        key = record.key.decode()
-                        if record.value is None:
-                            restored[tp.partition].pop(key, None)
-                        else:
-                            restored[tp.partition][key] = OrderState.decode(record.value)
-                for tp in list(pending):
-                    # Some brokers under-report end_offsets after a batched write: the
-                    # high-water mark of a fetch is the end that counts.
-                    end = max(ends[tp], consumer.highwater(tp) or 0)
-                    if await consumer.position(tp) >= end:
-                        pending.discard(tp)
-        finally:
-            await consumer.stop()
+        restored: dict[int, dict[str, OrderState]] = {p: {} for p in partitions}
+        async for record in read_to_end(self._settings, topic, partitions):
+            orders = restored[record.partition]
+            key = record.key.decode()
+            if record.value is None:
+                orders.pop(key, None)
+            else:
+                orders[key] = OrderState.decode(record.value)
         self._partitions.update(restored)
         count = sum(len(orders) for orders in restored.values())
         log.info(

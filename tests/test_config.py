@@ -114,6 +114,19 @@ def test_config_path_from_the_environment(
     assert len(load_config().accounts) == 3
 
 
+def test_polling_and_worker_sections() -> None:
+    config = parse_config(
+        {
+            "worker": {"group_id": "g", "max_in_flight": 10},
+            "polling": {"intervals": [1, 2.5], "max_age": 60, "not_found_retries": 0},
+        }
+    )
+    assert config.worker.group_id == "g"
+    assert config.polling.intervals == (1.0, 2.5)
+    assert [config.polling.interval(n) for n in range(4)] == [1.0, 2.5, 2.5, 2.5]
+    assert config.polling.not_found_retries == 0
+
+
 def test_defaults_with_an_empty_file() -> None:
     config = parse_config({})
     assert config == Config()
@@ -145,6 +158,12 @@ LEMFT = {
         ({"kafka": {"enable_idempotence": "yes"}}, "kafka.enable_idempotence", "true or false"),
         ({"kafka": {"security_protocol": "TLS"}}, "kafka.security_protocol", "one of"),
         ({"http": {"port": True}}, "http.port", "expected an integer"),
+        ({"http": {"port": -1}}, "http.port", "greater than 0"),
+        ({"worker": {"retry_budget": 0}}, "worker.retry_budget", "greater than 0"),
+        ({"polling": {"intervals": [10, 0]}}, "polling.intervals[1]", "greater than 0"),
+        ({"polling": {"intervals": []}}, "polling.intervals", "non-empty list"),
+        ({"accounts": [{**LEMFT, "query_rate": 0}]}, "accounts[0].query_rate", "greater than 0"),
+        ({"accounts": [{**LEMFT, "max_batch": 0}]}, "accounts[0].max_batch", "greater than 0"),
         ({"accounts": {"name": "x"}}, "accounts", "array of tables"),
         ({"accounts": [{**LEMFT, "provider": "acme"}]}, "accounts[0].provider", "one of"),
         ({"accounts": [{**LEMFT, "secrett": "x"}]}, "accounts[0].secrett", "unknown key"),

@@ -9,6 +9,7 @@ import time
 import pytest
 
 from bridge.config import KafkaSettings
+from bridge.replay import replay
 from bridge.sandbox import Faults
 from tests.bridge_fixtures import CODES, RunningBridge, running_bridge
 from tests.conftest import CutOffBroker, RunningSandbox
@@ -219,3 +220,17 @@ async def test_with_kafka_away_callbacks_get_503_and_retries_are_all_published(
         for _, key in orders:
             (event,) = await bridge.events_for(key, 1, timeout=30)
             assert event.value["status"] == "succeeded"
+
+
+async def test_dead_letters_can_be_replayed(bridge: RunningBridge) -> None:
+    order_id, key = bridge.create("lemft", "succeeded")
+    account = bridge.sandbox.accounts["lemft"].name
+    bridge.sandbox.sandbox.set_faults(account, Faults(down=True))
+    await bridge.post_callback("lemft", order_id)
+    await bridge.deadletter.wait_for(lambda rs: any(r.key == key for r in rs), timeout=30)
+    kafka = bridge.bridge.config.kafka
+    assert await replay(kafka, reasons=["rejected"]) == {}
+    bridge.sandbox.sandbox.set_faults(account, Faults())  # the provider is back
+    assert await replay(kafka, reasons=["unconfirmed"], order_key=key) == {"unconfirmed": 1}
+    (event,) = await bridge.events_for(key, 1)
+    assert (event.value["trigger"], event.value["status"]) == ("replay", "succeeded")

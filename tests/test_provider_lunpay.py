@@ -117,6 +117,12 @@ def test_error_answers(response: object, error: type[ProviderError]) -> None:
     assert caught.value.transient is True
 
 
+@pytest.mark.parametrize("message", ["order not found", "Order does not exist", "订单不存在"])
+def test_403_saying_the_order_is_missing_means_not_found(message: str) -> None:
+    response = answer({"code": 403, "msg": message})
+    assert PROVIDER.parse_query(ACCOUNT, ["LP-1"], response) == []
+
+
 def test_empty_data_means_not_found() -> None:
     assert PROVIDER.parse_query(ACCOUNT, ["LP-1"], answer({"code": 200, "data": None})) == []
 

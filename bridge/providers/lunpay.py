@@ -7,6 +7,7 @@ that string is hashed is not published, so the digest is a setting (md5 default)
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
@@ -44,6 +45,10 @@ STATUSES: StatusTable = {
 }
 
 Digest = Literal["md5", "sha256", "none"]
+
+# lunpay has one failure answer (403): only its message tells a missing order from a
+# bad sign, and a missing order may yet appear (it is asked again; a bad sign is not).
+_NOT_FOUND = re.compile(r"not\s*found|not\s*exist|no such order|不存在|未找到", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -91,6 +96,8 @@ class Lunpay:
         code = answer.get("code")
         if code != 200:
             message = str(answer.get("msg", ""))[:200]
+            if code == 403 and _NOT_FOUND.search(message):
+                return []
             raise reader.error(ProviderRejected, f"code {code}: {message}")
         data = answer.get("data")
         if not data:

@@ -18,6 +18,7 @@ from bridge.worker.confirm import backoff
 from bridge.worker.handler import Decision, decide
 from bridge.worker.lanes import OrderLanes
 from bridge.worker.offsets import PartitionOffsets
+from bridge.worker.polls import PollSchedule
 
 
 def test_offsets_commit_only_past_finished_records() -> None:
@@ -175,3 +176,38 @@ def test_metrics_render_in_prometheus_text_format() -> None:
     assert "order_bridge_hints_in_flight 3" in text
     with pytest.raises(KeyError):
         metrics.inc("no_such_metric")
+
+
+def test_poll_schedule_takes_due_orders_earliest_first() -> None:
+    schedule = PollSchedule()
+    schedule.own(0)
+    schedule.own(1)
+    schedule.set(0, "a", 30.0)
+    schedule.set(1, "b", 10.0)
+    schedule.set(0, "c", 20.0)
+    schedule.set(0, "a", 5.0)  # rescheduled: the old entry no longer counts
+    assert schedule.next_due() == 5.0
+    assert schedule.due(now=25.0, limit=10) == [(0, "a"), (1, "b"), (0, "c")]
+    assert schedule.due(now=100.0, limit=10) == []  # taken orders wait for set()
+    assert len(schedule) == 0
+
+
+def test_poll_schedule_respects_limit_and_stops() -> None:
+    schedule = PollSchedule()
+    schedule.own(0)
+    for n in range(5):
+        schedule.set(0, f"o{n}", float(n))
+    schedule.set(0, "o0", None)
+    assert schedule.due(now=10.0, limit=2) == [(0, "o1"), (0, "o2")]
+    assert len(schedule) == 2
+
+
+def test_poll_schedule_ignores_partitions_it_does_not_own() -> None:
+    schedule = PollSchedule()
+    schedule.own(0)
+    schedule.set(0, "a", 1.0)
+    schedule.forget([0])
+    schedule.set(0, "b", 1.0)  # work finishing after the hand-over
+    schedule.set(7, "c", 1.0)
+    assert schedule.due(now=10.0, limit=10) == []
+    assert schedule.next_due() is None

@@ -188,6 +188,8 @@ class Worker:
 
     async def _release(self, partitions: list[int]) -> None:
         """Finishes (within drain_timeout) or hands back the hints of `partitions`."""
+        # First, so that no poll of these partitions starts while they drain.
+        self._schedule.forget(partitions)
         timeout = self._config.worker.drain_timeout
         lanes = [self._lanes[p] for p in partitions if p in self._lanes]
         cancelled = sum(await asyncio.gather(*(lane.drain(timeout) for lane in lanes)))
@@ -199,12 +201,12 @@ class Worker:
             self._offsets.pop(partition, None)
             self._polls_in_flight.pop(partition, None)
         self._state.forget(partitions)
-        self._schedule.forget(partitions)
         self._metrics.set("order_bridge_orders_known", len(self._state))
 
     async def _assigned(self, partitions: list[int]) -> None:
         await self._state.restore(partitions)
         for partition in partitions:
+            self._schedule.own(partition)
             for key, state in self._state.items(partition):
                 self._schedule.set(partition, key, state.next_poll)
         self._wake.set()

@@ -16,14 +16,25 @@ class PollSchedule:
         self._heaps: dict[int, list[tuple[float, str]]] = {}
         self._latest: dict[int, dict[str, float]] = {}
 
+    def own(self, partition: int) -> None:
+        """Starts keeping the polls of `partition`."""
+        self._heaps.setdefault(partition, [])
+        self._latest.setdefault(partition, {})
+
     def set(self, partition: int, key: str, when: float | None) -> None:
-        """Polls `key` at `when` (epoch seconds); None stops polling it."""
-        latest = self._latest.setdefault(partition, {})
+        """Polls `key` at `when` (epoch seconds); None stops polling it.
+
+        Ignored for a partition not owned: work finishing after its partition was
+        handed over must not poll on behind the new owner's back.
+        """
+        latest = self._latest.get(partition)
+        if latest is None:
+            return
         if when is None:
             latest.pop(key, None)
             return
         latest[key] = when
-        heapq.heappush(self._heaps.setdefault(partition, []), (when, key))
+        heapq.heappush(self._heaps[partition], (when, key))
 
     def forget(self, partitions: list[int]) -> None:
         for partition in partitions:

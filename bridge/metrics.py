@@ -25,6 +25,7 @@ METRICS: dict[str, tuple[Kind, str]] = {
     "order_bridge_deadletters_total": ("counter", "Dead-letter records written, by reason"),
     "order_bridge_hints_in_flight": ("gauge", "Hints taken from the inbox and not finished"),
     "order_bridge_orders_known": ("gauge", "Orders whose state the worker holds"),
+    "order_bridge_orders_followed": ("gauge", "Orders not final yet, with a poll scheduled"),
 }
 
 Labels = tuple[tuple[str, str], ...]

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import re
+import signal
+import sys
 import time
+from pathlib import Path
 
 import pytest
 
 from bridge.config import KafkaSettings
 from bridge.replay import replay
 from bridge.sandbox import Faults
-from tests.bridge_fixtures import CODES, RunningBridge, running_bridge
+from tests.bridge_fixtures import CODES, RunningBridge, config_toml, running_bridge
 from tests.conftest import CutOffBroker, RunningSandbox
 from tests.helpers import SECRETS
 
@@ -234,3 +238,29 @@ async def test_dead_letters_can_be_replayed(bridge: RunningBridge) -> None:
     assert await replay(kafka, reasons=["unconfirmed"], order_key=key) == {"unconfirmed": 1}
     (event,) = await bridge.events_for(key, 1)
     assert (event.value["trigger"], event.value["status"]) == ("replay", "succeeded")
+
+
+async def test_tail_prints_one_readable_line_an_event(
+    bridge: RunningBridge, tmp_path: Path
+) -> None:
+    order_id, key = bridge.create("lunpay", "succeeded")
+    await bridge.post_callback("lunpay", order_id)
+    await bridge.events_for(key, 1)
+    text, env = config_toml(bridge.bridge.config)
+    (tmp_path / "bridge.toml").write_text(text)
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bridge", "tail", "--from-beginning",
+        "--config", str(tmp_path / "bridge.toml"),
+        env={**os.environ, **env}, stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    assert process.stdout is not None
+    try:
+        line = (await asyncio.wait_for(process.stdout.readline(), 30)).decode()
+    finally:
+        process.send_signal(signal.SIGINT)
+        await asyncio.wait_for(process.wait(), 30)
+    assert key in line
+    assert "new -> succeeded" in line
+    assert "375.28 USD" in line
+    assert "(code 4 completed, callback)" in line
+    assert ISO_UTC.match(line)

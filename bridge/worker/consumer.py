@@ -131,6 +131,8 @@ class Worker:
                 self._polls_in_flight[partition] = self._polls_in_flight.get(partition, 0) + 1
                 lanes = self._lanes.setdefault(partition, OrderLanes())
                 lanes.submit(key, partial(self._poll_one, partition, key))
+            self._metrics.set("order_bridge_orders_known", len(self._state))
+            self._metrics.set("order_bridge_orders_followed", len(self._schedule))
             next_due = self._schedule.next_due()
             # Handlers schedule new polls without waking this loop: look again soon.
             wait = 0.25 if next_due is None else min(0.25, max(0.01, next_due - time.time()))
@@ -201,7 +203,6 @@ class Worker:
             self._offsets.pop(partition, None)
             self._polls_in_flight.pop(partition, None)
         self._state.forget(partitions)
-        self._metrics.set("order_bridge_orders_known", len(self._state))
 
     async def _assigned(self, partitions: list[int]) -> None:
         await self._state.restore(partitions)
@@ -210,7 +211,6 @@ class Worker:
             for key, state in self._state.items(partition):
                 self._schedule.set(partition, key, state.next_poll)
         self._wake.set()
-        self._metrics.set("order_bridge_orders_known", len(self._state))
         log.info("owning inbox partitions %s", sorted(partitions))
 
     async def _leave_group(self) -> None:

@@ -128,31 +128,39 @@ class Producer:
     """The process's one Kafka producer: acks=all, idempotence as configured."""
 
     def __init__(self, settings: KafkaSettings) -> None:
-        self._producer = AIOKafkaProducer(
-            **client_options(settings),
+        self._settings = settings
+        self._producer: AIOKafkaProducer | None = None
+
+    async def start(self) -> None:
+        if self._producer is not None:
+            return
+        # Made here, not in __init__: aiokafka warns about a client never closed.
+        producer = AIOKafkaProducer(
+            **client_options(self._settings),
             acks="all",
-            enable_idempotence=settings.enable_idempotence,
+            enable_idempotence=self._settings.enable_idempotence,
             linger_ms=2,
             request_timeout_ms=30_000,
         )
-        self._started = False
-
-    async def start(self) -> None:
-        if self._started:
-            return
         try:
-            await self._producer.start()
+            await producer.start()
         except (KafkaError, OSError) as exc:
-            await self._producer.stop()
+            await producer.stop()
             raise StartupError(
                 f"Kafka producer cannot start: {type(exc).__name__}: {exc}"
             ) from None
-        self._started = True
+        self._producer = producer
 
     async def stop(self) -> None:
-        if self._started:
-            self._started = False
-            await self._producer.stop()
+        producer, self._producer = self._producer, None
+        if producer is not None:
+            await producer.stop()
+
+    @property
+    def _running(self) -> AIOKafkaProducer:
+        if self._producer is None:
+            raise RuntimeError("the producer is not started")
+        return self._producer
 
     async def send(
         self,
@@ -166,13 +174,14 @@ class Producer:
 
         A send that times out may still be delivered later: callers must tolerate that.
         """
-        sent = self._producer.send_and_wait(topic, value, key=key.encode(), headers=headers)
+        sent = self._running.send_and_wait(topic, value, key=key.encode(), headers=headers)
         metadata: RecordMetadata = await asyncio.wait_for(sent, timeout)
         return metadata
 
     async def reachable(self, timeout: float = 2.0) -> bool:
         """Whether the cluster answers a metadata request now."""
         try:
-            return bool(await asyncio.wait_for(self._producer.client.fetch_all_metadata(), timeout))
-        except (KafkaError, OSError, TimeoutError):
+            metadata = self._running.client.fetch_all_metadata()
+            return bool(await asyncio.wait_for(metadata, timeout))
+        except (KafkaError, OSError, TimeoutError, RuntimeError):
             return False

@@ -91,6 +91,10 @@ class PollSettings:
     # A watched order the provider does not know yet (creation can lag) is asked
     # again this many times before it is dead-lettered as not found.
     not_found_retries: int = 5
+    # Seconds after an order stops being followed (final, or given up) that the bridge
+    # forgets it, so a worker's memory holds recent orders only. A callback for an
+    # order forgotten starts it afresh: its event then has previous_status null.
+    forget_after: float = 7 * 86400.0
 
     def interval(self, step: int) -> float:
         return self.intervals[min(step, len(self.intervals) - 1)]

@@ -41,6 +41,13 @@ class OrderState:
     polls: int = 0
     # "Not found" answers in a row (a watched order whose creation lags).
     misses: int = 0
+    # When an order no longer followed is forgotten.
+    forget_at: float | None = None
+
+    @property
+    def next_due(self) -> float | None:
+        """When the worker next acts on the order: a poll, or forgetting it."""
+        return self.next_poll if self.next_poll is not None else self.forget_at
 
     def encode(self) -> bytes:
         return orjson.dumps(
@@ -54,6 +61,7 @@ class OrderState:
                 "next_poll_at": _iso(self.next_poll),
                 "polls": self.polls,
                 "misses": self.misses,
+                "forget_at": _iso(self.forget_at),
             }
         )
 
@@ -71,6 +79,7 @@ class OrderState:
             next_poll=_epoch(data["next_poll_at"]),
             polls=data["polls"],
             misses=data["misses"],
+            forget_at=_epoch(data.get("forget_at")),
         )
 
 
@@ -95,6 +104,9 @@ class StateStore:
     def put(self, partition: int, key: str, state: OrderState) -> None:
         """Remembers a state already written to the state topic."""
         self._partitions.setdefault(partition, {})[key] = state
+
+    def remove(self, partition: int, key: str) -> None:
+        self._partitions.get(partition, {}).pop(key, None)
 
     def forget(self, partitions: list[int]) -> None:
         for partition in partitions:

@@ -10,6 +10,7 @@ from bridge.config import KafkaSettings, PollSettings
 from bridge.service import Bridge
 from tests.bridge_fixtures import bridge_config, running_bridge
 from tests.conftest import RunningSandbox
+from tests.kafka import read_topic
 
 FAST = PollSettings(intervals=(0.3,), max_age=3600.0, not_found_retries=3)
 # Rate limits out of the way, for tests about something else.
@@ -185,3 +186,24 @@ async def test_a_watched_order_the_provider_does_not_know_yet(
     assert record.value["record"]["order_id"] == "D-NEVER"
     asked = sandbox.sandbox.query_count("kasushou-test", "D-NEVER")
     assert asked == FAST.not_found_retries + 1
+
+
+async def test_an_order_no_longer_followed_is_forgotten_after_a_while(
+    sandbox: RunningSandbox, kafka_settings: KafkaSettings
+) -> None:
+    polling = PollSettings(intervals=(0.3,), forget_after=0.5)
+    async with (
+        running_bridge(sandbox, kafka_settings, polling=polling) as bridge,
+        read_topic(kafka_settings, kafka_settings.state_topic) as state,
+    ):
+        order_id, key = bridge.create("lemft", "succeeded")
+        await bridge.post_callback("lemft", order_id)
+        await bridge.events_for(key, 1)
+        await state.wait_for(
+            lambda rs: any(r.key == key and r.value is None for r in rs), what="a tombstone"
+        )
+        # A callback for an order forgotten starts it afresh.
+        await bridge.post_callback("lemft", order_id)
+        first, second = await bridge.events_for(key, 2)
+    assert second.value["previous_status"] is None
+    assert second.headers["ce_id"] == first.headers["ce_id"]

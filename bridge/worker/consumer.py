@@ -209,7 +209,7 @@ class Worker:
         for partition in partitions:
             self._schedule.own(partition)
             for key, state in self._state.items(partition):
-                self._schedule.set(partition, key, state.next_poll)
+                self._schedule.set(partition, key, state.next_due)
         self._wake.set()
         log.info("owning inbox partitions %s", sorted(partitions))
 

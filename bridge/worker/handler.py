@@ -8,6 +8,7 @@ final, so one whose callbacks never come still reaches a final event.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import enum
 import logging
 import time
@@ -98,7 +99,14 @@ class HintHandler:
         await self._confirm(partition, account, record.order_id, record.trigger, record)
 
     async def poll(self, partition: int, key: str) -> None:
-        """One due poll of an order this worker follows."""
+        """One due poll of an order this worker follows, or forgetting one it no longer does."""
+        state = self._state.get(partition, key)
+        if state is not None and state.next_poll is None:
+            if state.forget_at is not None and time.time() >= state.forget_at:
+                # A tombstone: compaction drops the record, restores skip the order.
+                await self._send(self._config.kafka.state_topic, key, None)
+                self._state.remove(partition, key)
+            return
         provider, account_name, order_id = key.split("/", 2)
         try:
             account = self._config.account(provider, account_name)
@@ -159,8 +167,8 @@ class HintHandler:
                 snapshot.status,
                 known.status,
             )
-        polls = known.polls + 1 if decision is Decision.UNCHANGED else 0
         done = known.status is not None and known.status.is_final
+        polls = known.polls + 1 if decision is Decision.UNCHANGED and not done else 0
         next_poll = None if done else now + polling.interval(polls)
         await self._finish(order, known, decision.value, next_poll, polls=polls, misses=0)
 
@@ -226,6 +234,9 @@ class HintHandler:
         misses: int | None,
     ) -> None:
         """Writes the order's new state record (when it changed) and schedules its next poll."""
+        forget_at = (
+            None if next_poll is not None else time.time() + self._config.polling.forget_after
+        )
         state = OrderState(
             first_seen=known.first_seen,
             status=known.status,
@@ -235,10 +246,15 @@ class HintHandler:
             next_poll=next_poll,
             polls=known.polls if polls is None else polls,
             misses=known.misses if misses is None else misses,
+            forget_at=forget_at,
         )
-        if state != self._state.get(partition, key):
+        previous = self._state.get(partition, key)
+        if previous is not None and previous.forget_at is not None and forget_at is not None:
+            # Already not followed: keep the first forget time, and skip a needless write.
+            state = dataclasses.replace(state, forget_at=previous.forget_at)
+        if state != previous:
             await self._send(self._config.kafka.state_topic, key, state.encode())
-        self._remember(partition, key, state, next_poll)
+        self._remember(partition, key, state, state.next_due)
 
     def _remember(
         self, partition: int, key: str, state: OrderState | None, next_poll: float | None
@@ -284,7 +300,11 @@ class HintHandler:
         log.warning("dead-lettered %s: %s: %s", key, reason, detail)
 
     async def _send(
-        self, topic: str, key: str, value: bytes, headers: list[tuple[str, bytes]] | None = None
+        self,
+        topic: str,
+        key: str,
+        value: bytes | None,
+        headers: list[tuple[str, bytes]] | None = None,
     ) -> None:
         """Sends until Kafka acks: the work is not done, nor its offset committed, before."""
         attempt = 0

@@ -25,6 +25,7 @@ Reason = Literal[
     "not_found",
     "stale",  # not final after the polling max age: no longer followed
     "unreadable",  # an inbox record that cannot be decoded
+    "failed",  # an unexpected error while confirming: a bug, see the worker's log
 ]
 
 

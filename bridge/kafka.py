@@ -100,8 +100,8 @@ async def read_to_end(
     consumer = AIOKafkaConsumer(
         **client_options(settings), enable_auto_commit=False, fetch_max_wait_ms=50
     )
-    await consumer.start()
     try:
+        await consumer.start()
         if partitions is None:
             partitions = sorted(consumer.partitions_for_topic(topic) or ())
         tps = [TopicPartition(topic, p) for p in partitions]
@@ -122,7 +122,28 @@ async def read_to_end(
                 if await consumer.position(tp) >= end:
                     pending.discard(tp)
     finally:
+        await stop_consumer(consumer)
+
+
+async def stop_consumer(consumer: AIOKafkaConsumer) -> None:
+    """`consumer.stop()`, carried through even when Kafka has just become unreachable.
+
+    aiokafka (aio-libs/aiokafka#647) lets the cancellation of a fetch that is backing
+    off after a failure escape from `stop()`, half-way: the caller's task would look
+    cancelled and the connections would stay open. Only a cancellation of our own
+    task is passed on.
+    """
+    try:
         await consumer.stop()
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise
+        fetches = list(consumer._fetcher._pending_tasks)
+        for fetch in fetches:
+            fetch.cancel()
+        await asyncio.gather(*fetches, return_exceptions=True)
+        await consumer._client.close()
 
 
 class Producer:

@@ -15,6 +15,7 @@ import httpx
 
 from bridge import __version__
 from bridge.config import Config
+from bridge.errors import StartupError
 from bridge.kafka import Producer, ensure_topics
 from bridge.metrics import Metrics
 from bridge.receiver import create_app
@@ -87,14 +88,33 @@ class Bridge:
 
 
 async def run(config: Config, *, receiver: bool = True, worker: bool = True) -> None:
-    """Runs the bridge until SIGTERM or SIGINT; a second signal exits at once."""
+    """Runs the bridge until SIGTERM or SIGINT; a second signal exits at once.
+
+    A worker that dies on its own stops the bridge too, with StartupError: a process
+    that exits gets restarted by its supervisor, a half-dead one would just sit there.
+    """
     stop = stop_on_signals()
     async with Bridge(config, receiver=receiver, worker=worker) as bridge:
         parts = " and ".join(p for p, on in (("receiver", receiver), ("worker", worker)) if on)
         where = f" on {bridge.url}" if bridge.url else ""
         log.warning("order-bridge %s running%s", parts, where)
-        await stop.wait()
+        failure = await _until_stopped(stop, bridge.worker)
+        if failure is not None:
+            raise StartupError(f"the worker stopped: {failure}; exiting")
         log.warning("stopping: finishing in-flight work")
+
+
+async def _until_stopped(stop: asyncio.Event, worker: Worker | None) -> str | None:
+    """Waits for `stop`; returns early, saying why, when the worker dies first."""
+    if worker is None:
+        await stop.wait()
+        return None
+    stopping = asyncio.create_task(stop.wait())
+    failing = asyncio.create_task(worker.failure())
+    await asyncio.wait({stopping, failing}, return_when=asyncio.FIRST_COMPLETED)
+    stopping.cancel()
+    failing.cancel()
+    return None if stop.is_set() else failing.result()
 
 
 def stop_on_signals() -> asyncio.Event:

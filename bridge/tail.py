@@ -11,7 +11,7 @@ import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from bridge.config import KafkaSettings
-from bridge.kafka import client_options
+from bridge.kafka import client_options, stop_consumer
 
 
 @dataclass(frozen=True)
@@ -40,8 +40,8 @@ async def follow(
     consumer = AIOKafkaConsumer(
         **client_options(settings), enable_auto_commit=False, fetch_max_wait_ms=100
     )
-    await consumer.start()
     try:
+        await consumer.start()
         topic = settings.status_topic
         partitions = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()]
         consumer.assign(partitions)
@@ -51,7 +51,7 @@ async def follow(
             await consumer.seek_to_end(*partitions)
         yield _events(consumer)
     finally:
-        await consumer.stop()
+        await stop_consumer(consumer)
 
 
 async def _events(consumer: AIOKafkaConsumer) -> AsyncIterator[Event]:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import json
+import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from decimal import Decimal
@@ -113,6 +115,30 @@ class RunningBridge:
         return await self.http.post(
             self.callback_url(provider), content=body, headers={"content-type": content_type}
         )
+
+    async def post_until_accepted(self, provider: str, order_id: str) -> None:
+        """Posts the callback as a provider does: again after `Retry-After` until a 200."""
+        deadline = time.monotonic() + 30
+        while (answer := await self.post_callback(provider, order_id)).status_code != 200:
+            assert answer.status_code == 503, answer.text
+            assert time.monotonic() < deadline, "the bridge kept answering 503"
+            await asyncio.sleep(float(answer.headers["retry-after"]))
+
+    async def wait_for_metric(self, name: str, at_least: float) -> str:
+        """The /metrics text, once the samples of `name` add up to `at_least`."""
+        deadline = time.monotonic() + 20
+        while True:
+            text = (await self.http.get(f"{self.url}/metrics")).text
+            total = sum(
+                float(line.rsplit(" ", 1)[1])
+                for line in text.splitlines()
+                if line.startswith(name) and not line.startswith("#")
+            )
+            if total >= at_least:
+                return text
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{name} stayed below {at_least}:\n{text}")
+            await asyncio.sleep(0.1)
 
     async def events_for(self, key: str, count: int, timeout: float = 20.0) -> list[Record]:
         records = await self.status.wait_for(

@@ -95,7 +95,7 @@ async def cut_off_broker() -> AsyncIterator[CutOffBroker]:
         await own.wait_ready()
         yield CutOffBroker(own, proxy, kafka_settings_for(own.bootstrap_servers))
     finally:
-        await proxy.cut()
+        proxy.cut()
         own.stop()
 
 

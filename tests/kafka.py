@@ -13,6 +13,7 @@ import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from bridge.config import KafkaSettings
+from bridge.kafka import stop_consumer
 
 
 @dataclass(frozen=True)
@@ -45,7 +46,7 @@ class TopicReader:
         await self._consumer.seek_to_beginning()
 
     async def stop(self) -> None:
-        await self._consumer.stop()
+        await stop_consumer(self._consumer)
 
     async def wait_for(
         self, done: Callable[[list[Record]], bool], timeout: float = 20.0, what: str = ""
@@ -106,7 +107,8 @@ class TcpProxy:
     async def start(self) -> None:
         self._server = await asyncio.start_server(self._handle, "127.0.0.1", self.port)
 
-    async def cut(self) -> None:
+    def cut(self) -> None:
+        """At once, without awaiting: a logging handler can cut at an exact moment."""
         if self._server is not None:
             self._server.close()
             self._server = None

@@ -16,8 +16,12 @@ import pytest
 
 from bridge.broker import free_port
 from bridge.config import KafkaSettings
+from bridge.errors import StartupError
+from bridge.providers.lunpay import Lunpay
 from bridge.replay import replay
 from bridge.sandbox import Faults
+from bridge.service import run
+from bridge.worker import Worker
 from tests.bridge_fixtures import (
     CODES,
     RunningBridge,
@@ -136,7 +140,7 @@ async def test_a_stale_answer_is_not_published(bridge: RunningBridge) -> None:
     account = bridge.sandbox.accounts["kasushou"].name
     bridge.sandbox.sandbox.set_faults(account, Faults(stale_rate=1.0))
     await bridge.post_callback("kasushou", order_id)
-    metrics = await wait_for_metric(bridge, "order_bridge_stale_answers_total", 1)
+    metrics = await bridge.wait_for_metric("order_bridge_stale_answers_total", 1)
     assert 'order_bridge_stale_answers_total{provider="kasushou"}' in metrics
     assert [r.value["status"] for r in bridge.status.records if r.key == key] == [
         "succeeded",
@@ -201,28 +205,12 @@ async def test_restart_keeps_deduplication(
     ]
 
 
-async def wait_for_metric(bridge: RunningBridge, name: str, at_least: float) -> str:
-    deadline = time.monotonic() + 20
-    while True:
-        text = (await bridge.http.get(f"{bridge.url}/metrics")).text
-        total = sum(
-            float(line.rsplit(" ", 1)[1])
-            for line in text.splitlines()
-            if line.startswith(name) and not line.startswith("#")
-        )
-        if total >= at_least:
-            return text
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{name} stayed below {at_least}:\n{text}")
-        await asyncio.sleep(0.1)
-
-
 async def test_with_kafka_away_callbacks_get_503_and_retries_are_all_published(
     sandbox: RunningSandbox, cut_off_broker: CutOffBroker
 ) -> None:
     async with running_bridge(sandbox, cut_off_broker.settings) as bridge:
         orders = [bridge.create(provider, "succeeded") for provider in PROVIDERS]
-        await cut_off_broker.proxy.cut()
+        cut_off_broker.proxy.cut()
         for (order_id, _), provider in zip(orders, PROVIDERS, strict=True):
             refused = await bridge.post_callback(provider, order_id)
             assert refused.status_code == 503
@@ -230,7 +218,7 @@ async def test_with_kafka_away_callbacks_get_503_and_retries_are_all_published(
         await cut_off_broker.proxy.start()
         # The provider retries; this time the hints are stored and confirmed.
         for (order_id, _), provider in zip(orders, PROVIDERS, strict=True):
-            assert (await bridge.post_callback(provider, order_id)).status_code == 200
+            await bridge.post_until_accepted(provider, order_id)
         for _, key in orders:
             (event,) = await bridge.events_for(key, 1, timeout=30)
             assert event.value["status"] == "succeeded"
@@ -248,6 +236,41 @@ async def test_dead_letters_can_be_replayed(bridge: RunningBridge) -> None:
     assert await replay(kafka, reasons=["unconfirmed"], order_key=key) == {"unconfirmed": 1}
     (event,) = await bridge.events_for(key, 1)
     assert (event.value["trigger"], event.value["status"]) == ("replay", "succeeded")
+
+
+async def test_an_unexpected_error_while_confirming_dead_letters_the_hint_as_failed(
+    bridge: RunningBridge, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    order_id, key = bridge.create("lunpay", "succeeded")
+
+    def bug(*args: object) -> None:
+        raise RuntimeError("an adapter bug")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(Lunpay, "parse_query", bug)
+        await bridge.post_callback("lunpay", order_id)
+        (letter,) = await bridge.deadletter.wait_for(lambda rs: any(r.key == key for r in rs))
+    assert letter.value["reason"] == "failed"
+    assert letter.value["detail"] == "unexpected RuntimeError; see the worker's log"
+    # Once the bug is fixed, the hint is replayed like any other.
+    assert await replay(bridge.bridge.config.kafka, reasons=["failed"]) == {"failed": 1}
+    (event,) = await bridge.events_for(key, 1)
+    assert (event.value["trigger"], event.value["status"]) == ("replay", "succeeded")
+
+
+async def test_a_worker_that_dies_stops_the_bridge_with_an_error(
+    sandbox: RunningSandbox, kafka_settings: KafkaSettings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def bug(*args: object) -> None:
+        raise RuntimeError("a worker bug")
+
+    monkeypatch.setattr(Worker, "_take", bug)
+    async with running_bridge(sandbox, kafka_settings, worker=False) as receiver:
+        running = asyncio.create_task(run(bridge_config(sandbox, kafka_settings), receiver=False))
+        order_id, _ = receiver.create("lemft", "succeeded")
+        await receiver.post_callback("lemft", order_id)
+        with pytest.raises(StartupError, match="worker inbox ended: RuntimeError"):
+            await asyncio.wait_for(running, 30)
 
 
 async def test_tail_prints_one_readable_line_an_event(

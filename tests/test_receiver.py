@@ -338,7 +338,7 @@ async def test_callbacks_get_503_while_kafka_is_cut_off_and_200_once_back(
         first = receiver.order(KSU)
         assert (await receiver.callback(KSU, first)).status_code == 200
 
-        await cut_off_broker.proxy.cut()
+        cut_off_broker.proxy.cut()
         waiting = [(KSU, receiver.order(KSU)), (LEM, receiver.order(LEM))]
         for account, order in waiting:
             started = time.monotonic()

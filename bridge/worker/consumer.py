@@ -23,7 +23,7 @@ from aiokafka.protocol.group import LeaveGroupRequest
 from aiokafka.structs import ConsumerRecord
 
 from bridge.config import Config
-from bridge.kafka import Producer, client_options
+from bridge.kafka import Producer, client_options, stop_consumer
 from bridge.metrics import Metrics
 from bridge.state import StateStore
 from bridge.worker.confirm import Confirmer
@@ -92,6 +92,17 @@ class Worker:
             asyncio.create_task(self._poll(), name="worker polls"),
         ]
 
+    async def failure(self) -> str:
+        """Waits for one of the worker's loops to end before `stop()`, which only a bug
+        makes happen, and says which one and why (the traceback goes to the log)."""
+        done, _ = await asyncio.wait(self._tasks, return_when=asyncio.FIRST_COMPLETED)
+        task = done.pop()
+        if task.cancelled():
+            return f"{task.get_name()} was cancelled"
+        exc = task.exception()
+        log.error("%s ended", task.get_name(), exc_info=exc)
+        return f"{task.get_name()} ended: {type(exc).__name__}"
+
     async def stop(self) -> None:
         """Stops fetching, lets in-flight hints finish (bounded), commits, leaves the group."""
         if not self._tasks:
@@ -102,7 +113,7 @@ class Worker:
         await self._release(list(self._lanes))
         await self._gateways.aclose()
         await self._leave_group()
-        await self._consumer.stop()
+        await stop_consumer(self._consumer)
         self._tasks = []
 
     async def _run(self) -> None:
@@ -205,7 +216,18 @@ class Worker:
         self._state.forget(partitions)
 
     async def _assigned(self, partitions: list[int]) -> None:
-        await self._state.restore(partitions)
+        # Hints must not run before their orders' state is back: without it the
+        # forward-only rule cannot hold. So a restore that fails is tried again, until
+        # the worker stops: aiokafka's stop() waits for this listener to return.
+        while not self._stopping:
+            try:
+                await self._state.restore(partitions)
+                break
+            except (KafkaError, OSError) as exc:
+                log.warning(
+                    "restoring state of partitions %s failed (%r); again in 1s", partitions, exc
+                )
+                await asyncio.sleep(1)
         for partition in partitions:
             self._schedule.own(partition)
             for key, state in self._state.items(partition):

@@ -155,6 +155,15 @@ class HintHandler:
             await self._dead_letter(order, "rejected", str(exc))
             await self._finish(order, known, "rejected", None)
             return
+        except Exception as exc:
+            # A bug, ours or an adapter's, on an answer nobody foresaw. The hint is kept
+            # (replayable) and the order stays followed; the traceback is in the log.
+            log.exception("%s: confirming failed unexpectedly", order.key)
+            if record is not None:
+                detail = f"unexpected {type(exc).__name__}; see the worker's log"
+                await self._dead_letter(order, "failed", detail)
+            await self._finish(order, known, "failed", now + polling.interval(known.polls))
+            return
 
         decision = decide(previous, snapshot)
         if decision is Decision.PUBLISH:

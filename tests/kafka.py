@@ -88,8 +88,8 @@ class TopicReader:
 @contextlib.asynccontextmanager
 async def read_topic(settings: KafkaSettings, topic: str) -> AsyncIterator[TopicReader]:
     reader = TopicReader(settings, topic)
-    await reader.start()
     try:
+        await reader.start()
         yield reader
     finally:
         await reader.stop()

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 from collections import defaultdict
 
 from bridge.config import KafkaSettings, PollSettings
+from bridge.kafka import ensure_topics
 from bridge.service import Bridge
 from tests.bridge_fixtures import bridge_config, running_bridge
 from tests.conftest import RunningSandbox
@@ -207,3 +209,21 @@ async def test_an_order_no_longer_followed_is_forgotten_after_a_while(
         first, second = await bridge.events_for(key, 2)
     assert second.value["previous_status"] is None
     assert second.headers["ce_id"] == first.headers["ce_id"]
+
+
+async def test_an_order_of_an_account_no_longer_configured_is_forgotten(
+    sandbox: RunningSandbox, kafka_settings: KafkaSettings
+) -> None:
+    polling = PollSettings(intervals=(0.3,), forget_after=0.5)
+    await ensure_topics(kafka_settings)
+    async with read_topic(kafka_settings, kafka_settings.state_topic) as state:
+        async with running_bridge(sandbox, kafka_settings, polling=polling) as bridge:
+            order_id, key = bridge.create("lemft", "processing")
+            await bridge.watch("lemft", order_id)
+            await state.wait_for(lambda rs: any(r.key == key for r in rs), what="its state")
+        config = bridge_config(sandbox, kafka_settings, polling=polling)
+        without_lemft = tuple(a for a in config.accounts if a.provider != "lemft")
+        async with Bridge(dataclasses.replace(config, accounts=without_lemft)):
+            await state.wait_for(
+                lambda rs: any(r.key == key and r.value is None for r in rs), what="a tombstone"
+            )

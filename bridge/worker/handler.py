@@ -112,7 +112,10 @@ class HintHandler:
             account = self._config.account(provider, account_name)
         except UnknownAccount:
             log.warning("%s: its account is no longer configured; not polled any more", key)
-            self._remember(partition, key, self._state.get(partition, key), None)
+            if state is None:
+                self._schedule.set(partition, key, None)
+            else:  # no longer followed, so forgotten after `forget_after`
+                await self._save(partition, key, state, None, None, None)
             return
         await self._confirm(partition, account, order_id, "poll")
 

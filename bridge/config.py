@@ -22,6 +22,7 @@ from typing import Any, Literal, TypeVar
 from bridge import providers
 from bridge.errors import ConfigError, UnknownAccount
 from bridge.redact import Secret
+from bridge.sealing import card_cipher
 
 CONFIG_ENV = "ORDER_BRIDGE_CONFIG"
 # Numeric settings must be above zero, but for these, where 0 means something.
@@ -121,6 +122,9 @@ class Account:
     query_burst: int = 5
     # Order ids one query may carry (kasushou takes several); default: the provider's most.
     max_batch: int | None = None
+    # 32 bytes in base64: card numbers and passwords in events are sealed with it for
+    # consumers (bridge/sealing.py) rather than masked.
+    card_key: Secret | None = None
 
 
 # The keys an [[accounts]] table may hold besides its provider's own settings.
@@ -193,6 +197,12 @@ def _parse_account(table: Any, path: str, env: Mapping[str, str]) -> Account:
         raise ConfigError(f"{path}.name", "use only a-z, 0-9 and '-'")
     if not account.base_url.startswith(("http://", "https://")):
         raise ConfigError(f"{path}.base_url", "must start with http:// or https://")
+    if account.card_key is not None:
+        try:
+            card_cipher(account.card_key)
+        except ValueError as exc:
+            hint = "give 32 random bytes in base64 (openssl rand -base64 32)"
+            raise ConfigError(f"{path}.card_key", f"{exc}: {hint}") from None
     return account
 
 

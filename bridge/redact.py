@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import re
 import urllib.parse
+from collections.abc import Callable
 from typing import Any
 
 import orjson
 
 MASK = "******"
 
-# Field names that hold card secrets or credentials wherever they appear in a payload.
-SECRET_FIELDS = frozenset(
-    {"card_no", "card_number", "card_password", "cvv", "cvc", "pin", "key", "secret", "api_key"}
-)
+# Field names that hold card secrets, and those that hold credentials, wherever they
+# appear in a payload. Card secrets may be sealed for consumers (bridge.sealing);
+# credentials are always masked.
+CARD_FIELDS = frozenset({"card_no", "card_number", "card_password", "cvv", "cvc", "pin"})
+SECRET_FIELDS = CARD_FIELDS | {"key", "secret", "api_key"}
 # Card numbers keep their last four digits so people can still tell cards apart.
 _KEEP_LAST_FOUR = frozenset({"card_no", "card_number"})
 
@@ -51,31 +53,27 @@ def mask_value(field: str, value: Any) -> Any:
     return MASK
 
 
-def mask_secrets(value: Any) -> Any:
-    """A copy of a decoded JSON payload with every secret field masked, at any depth."""
+def mask_secrets(value: Any, hide: Callable[[str, Any], Any] = mask_value) -> Any:
+    """A copy of a decoded JSON payload with every secret field's value replaced by
+    `hide(field, value)`, at any depth: masked, unless told otherwise."""
     if isinstance(value, dict):
-        return {
-            k: mask_value(k, v) if _is_secret_field(k) else mask_secrets(v)
-            for k, v in value.items()
-        }
+        hidden = {}
+        for name, item in value.items():
+            field = _secret_leaf(name)
+            hidden[name] = mask_secrets(item, hide) if field is None else hide(field, item)
+        return hidden
     if isinstance(value, list):
-        return [mask_secrets(item) for item in value]
+        return [mask_secrets(item, hide) for item in value]
     if isinstance(value, str) and value[:1] in ("[", "{"):
         # Form-encoded callbacks carry lists such as card_list as JSON text.
         try:
             decoded = orjson.loads(value)
         except orjson.JSONDecodeError:
             return value
-        masked = mask_secrets(decoded)
+        masked = mask_secrets(decoded, hide)
         if masked != decoded:
             return orjson.dumps(masked).decode()
     return value
-
-
-def _is_secret_field(name: str) -> bool:
-    # Form keys in PHP style name nested fields as `card_list[0][card_no]`.
-    leaf = name.rsplit("[", 1)[-1].rstrip("]")
-    return leaf in SECRET_FIELDS
 
 
 # A JSON string, possibly cut off at the end of the text. Possessive, so that a scan over

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import dataclasses
 import os
 import re
@@ -18,8 +19,10 @@ from bridge.broker import free_port
 from bridge.config import KafkaSettings
 from bridge.errors import StartupError
 from bridge.providers.lunpay import Lunpay
+from bridge.redact import Secret
 from bridge.replay import replay
 from bridge.sandbox import Faults
+from bridge.sealing import unseal
 from bridge.service import run
 from bridge.worker import Worker
 from tests.bridge_fixtures import (
@@ -162,6 +165,26 @@ async def test_a_kasushou_card_order_publishes_masked_cards(bridge: RunningBridg
     assert event.value["details"]["card_list"][0]["card_password"] == "******"
     for secret in SECRETS:
         assert secret not in raw
+
+
+async def test_an_account_with_a_card_key_publishes_cards_sealed_for_consumers(
+    sandbox: RunningSandbox, kafka_settings: KafkaSettings
+) -> None:
+    key = Secret(base64.b64encode(os.urandom(32)).decode())
+    changes = {"kasushou": {"card_key": key}}
+    async with running_bridge(sandbox, kafka_settings, accounts=changes) as bridge:
+        order_id, order_key = bridge.create("kasushou", "succeeded")
+        await bridge.post_callback("kasushou", order_id)
+        (event,) = await bridge.events_for(order_key, 1)
+    cards = sandbox.sandbox.order(sandbox.accounts["kasushou"].name, order_id).fields["card_list"]
+    published = event.value["details"]["card_list"]
+    raw = str(event.value)
+    assert len(published) == len(cards) > 0
+    for card, sealed in zip(cards, published, strict=True):
+        assert card["card_password"] not in raw
+        assert card["card_no"] not in raw
+        assert unseal(key, "card_password", sealed["card_password"]) == card["card_password"]
+        assert unseal(key, "card_no", sealed["card_no"]) == card["card_no"]
 
 
 async def test_a_provider_that_stays_down_ends_in_the_dead_letter_topic(

@@ -30,6 +30,7 @@ from bridge.providers.base import (
     require_text,
 )
 from bridge.redact import Secret, mask_secrets
+from bridge.sealing import hider
 
 if TYPE_CHECKING:
     from bridge.config import Account
@@ -158,7 +159,7 @@ class Kasushou:
                     provider_status=provider_status,
                     amount=reader.decimal(item.get("total_price"), "total_price"),
                     currency=account.settings.currency,
-                    details=mask_secrets(jsonable(details)),
+                    details=mask_secrets(jsonable(details), hider(account)),
                 )
             )
         return snapshots

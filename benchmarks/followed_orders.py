@@ -27,21 +27,17 @@ import asyncio
 import gc
 import json
 import math
-import os
-import platform
 import random
-import resource
 import sys
 import time
 import tracemalloc
 import uuid
-from collections.abc import Iterator
-from dataclasses import dataclass
-from datetime import UTC, datetime
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 from aiokafka import AIOKafkaProducer
+from baseline_report import MIB, Figure, load_baseline, report, rss_bytes, save_baseline
 
 from bridge.broker import embedded_broker
 from bridge.config import KafkaSettings
@@ -54,7 +50,6 @@ from bridge.worker.polls import PollSchedule
 PARTITIONS = 12
 SCRIPT = Path(__file__).resolve()
 BASELINE = SCRIPT.with_name("baseline.json")
-MIB = 1024 * 1024
 # (provider, account, order-id prefix, the provider's code for "processing"); ids are 22 chars.
 PROVIDERS = (
     ("kasushou", "kasushou-main", "D", 2),
@@ -67,32 +62,43 @@ PHASE_TIMEOUT = 300.0
 REPEATS = 3
 
 
-@dataclass(frozen=True)
-class Figure:
-    name: str
-    label: str
-    # "lower" or "higher" is better; "" for a figure shown for information only.
-    better: str
-    digits: int
-    # Changes within this many percent are run-to-run noise: not called better or worse.
-    noise: float
-
-    @property
-    def per_order(self) -> bool:
-        """Comparable with a baseline of another order count."""
-        return self.name.endswith("bytes_per_order")
-
-
-# tracemalloc counts are exact for the same Python and code; RSS, the restore's peak
-# (how records batch up in fetches) and times vary from run to run.
+# Bytes/order figures are comparable whatever the order count. tracemalloc counts are exact
+# for the same Python and code; RSS, the restore's peak (how records batch up in fetches)
+# and times vary from run to run.
 FIGURES = (
-    Figure("store_bytes_per_order", "state store, bytes/order (tracemalloc)", "lower", 0, 1),
-    Figure("schedule_bytes_per_order", "poll schedule, bytes/order (tracemalloc)", "lower", 0, 1),
-    Figure("total_bytes_per_order", "store + schedule, bytes/order (tracemalloc)", "lower", 0, 1),
+    Figure(
+        "store_bytes_per_order",
+        "state store, bytes/order (tracemalloc)",
+        "lower",
+        0,
+        1,
+        scale_free=True,
+    ),
+    Figure(
+        "schedule_bytes_per_order",
+        "poll schedule, bytes/order (tracemalloc)",
+        "lower",
+        0,
+        1,
+        scale_free=True,
+    ),
+    Figure(
+        "total_bytes_per_order",
+        "store + schedule, bytes/order (tracemalloc)",
+        "lower",
+        0,
+        1,
+        scale_free=True,
+    ),
     Figure("total_mib", "store + schedule, MiB (tracemalloc)", "lower", 1, 1),
     Figure("rss_growth_mib", "store + schedule, RSS growth MiB", "lower", 1, 10),
     Figure(
-        "stale_entry_bytes_per_order", "reschedule: stale heap entry, bytes/order", "lower", 0, 1
+        "stale_entry_bytes_per_order",
+        "reschedule: stale heap entry, bytes/order",
+        "lower",
+        0,
+        1,
+        scale_free=True,
     ),
     Figure("sweep_orders_per_s", "due(now, 1000) sweep, orders/s (best of 3)", "higher", 0, 30),
     Figure("produce_s", "setup: produce the state records, s", "", 2, 0),
@@ -159,22 +165,6 @@ def check_store(store: StateStore, count: int, now: float) -> None:
 
 
 # -- measuring ---------------------------------------------------------------------------
-
-
-def rss_bytes() -> tuple[int, int]:
-    """(VmRSS, VmHWM) of this process: resident now, and its peak so far."""
-    fields: dict[str, int] = {}
-    try:
-        with open("/proc/self/status", encoding="ascii") as status:
-            for line in status:
-                name, _, value = line.partition(":")
-                if name in ("VmRSS", "VmHWM"):
-                    fields[name] = int(value.split()[0]) * 1024
-    except OSError:
-        pass
-    # ru_maxrss is in kB on Linux; without /proc it stands in for both.
-    peak = fields.get("VmHWM", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-    return fields.get("VmRSS", peak), peak
 
 
 def traced_now() -> int:
@@ -366,78 +356,12 @@ async def measure(count: int) -> dict[str, float]:
 # -- the report --------------------------------------------------------------------------
 
 
-def load_baseline() -> dict[str, Any] | None:
-    try:
-        baseline: dict[str, Any] = json.loads(BASELINE.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return None
-    return baseline
+def params(count: int) -> dict[str, int]:
+    return {"orders": count, "partitions": PARTITIONS}
 
 
-def report(count: int, figures: dict[str, float], baseline: dict[str, Any] | None) -> None:
-    print()
-    print(f"{count:,} followed orders, {PARTITIONS} partitions; {environment()}")
-    if baseline is None:
-        print(f"no baseline yet ({BASELINE.name}): save one with --save-baseline")
-    else:
-        print(
-            f"baseline: {baseline['orders']:,} orders, {baseline['date']}, "
-            f"Python {baseline['python']}, {baseline['cpus']} CPUs"
-        )
-        if baseline["orders"] != count:
-            print("  (another order count: only the bytes/order figures are compared)")
-    saved: dict[str, float] = {} if baseline is None else baseline["figures"]
-    rows = [("figure", "this run", "baseline", "change")]
-    for figure in FIGURES:
-        value = figures[figure.name]
-        old = saved.get(figure.name)
-        label = figure.label if figure.better else f"{figure.label} (info)"
-        if baseline is not None and baseline["orders"] != count and not figure.per_order:
-            old = None
-        rows.append((label, f"{value:,.{figure.digits}f}", *compare(figure, value, old)))
-    widths = [max(len(row[i]) for row in rows) for i in range(4)]
-    for n, row in enumerate(rows):
-        print(
-            f"{row[0]:<{widths[0]}}  {row[1]:>{widths[1]}}  "
-            f"{row[2]:>{widths[2]}}  {row[3]:>{widths[3]}}"
-        )
-        if n == 0:
-            print("  ".join("-" * width for width in widths))
-
-
-def compare(figure: Figure, value: float, old: float | None) -> tuple[str, str]:
-    if old is None:
-        return "-", "-"
-    shown = f"{old:,.{figure.digits}f}"
-    if old == 0:
-        return shown, "-"
-    change = (value - old) / abs(old) * 100.0
-    worse = (change > 0) if figure.better == "lower" else (change < 0)
-    noise = not figure.better or abs(change) <= figure.noise
-    mark = "" if noise else (" WORSE" if worse else " better")
-    return shown, ("0.0%" if abs(change) < 0.05 else f"{change:+.1f}%") + mark
-
-
-def environment() -> str:
-    return f"Python {platform.python_version()}, {cpus()} CPUs, {platform.machine()}"
-
-
-def cpus() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-def save_baseline(count: int, figures: dict[str, float]) -> None:
-    baseline = {
-        "orders": count,
-        "partitions": PARTITIONS,
-        "python": platform.python_version(),
-        "cpus": cpus(),
-        "machine": platform.machine(),
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "figures": {f.name: round(figures[f.name], 3) for f in FIGURES},
-    }
-    BASELINE.write_text(json.dumps(baseline, indent=2) + "\n", encoding="utf-8")
-    print(f"\nsaved as the baseline: {BASELINE}")
+def describe(params: Mapping[str, Any]) -> str:
+    return f"{params['orders']:,} orders"
 
 
 def main() -> None:
@@ -474,9 +398,18 @@ def main() -> None:
         figures = asyncio.run(measure(args.orders))
     except StartupError as exc:
         raise SystemExit(f"FAILED: {exc}") from None
-    report(args.orders, figures, load_baseline())
+    report(
+        FIGURES,
+        figures,
+        load_baseline(BASELINE),
+        title=f"{args.orders:,} followed orders, {PARTITIONS} partitions",
+        path=BASELINE,
+        params=params(args.orders),
+        describe=describe,
+        mismatch="another order count: only the bytes/order figures are compared",
+    )
     if args.save_baseline:
-        save_baseline(args.orders, figures)
+        save_baseline(BASELINE, params(args.orders), FIGURES, figures)
 
 
 if __name__ == "__main__":

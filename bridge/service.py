@@ -54,9 +54,15 @@ class Bridge:
         await self.producer.start()
         self._stack.push_async_callback(self.producer.stop)
         if self._with_worker:
+            # Gateways bound each account's queries in flight; the pool must not queue
+            # them again (httpx's default is 100 connections, 20 kept alive).
+            connections = sum(a.max_concurrent_queries for a in self.config.accounts)
             http = await self._stack.enter_async_context(
                 httpx.AsyncClient(
-                    headers={"user-agent": f"order-bridge/{__version__} ({self.instance})"}
+                    headers={"user-agent": f"order-bridge/{__version__} ({self.instance})"},
+                    limits=httpx.Limits(
+                        max_connections=connections, max_keepalive_connections=connections
+                    ),
                 )
             )
             self.worker = Worker(self.config, self.producer, http, self.metrics)

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 
 import httpx
 
 from bridge import providers
 from bridge.config import Account
-from bridge.errors import OrderNotFound, ProviderUnavailable
+from bridge.errors import InvalidAnswer, OrderNotFound, ProviderUnavailable
 from bridge.orders import OrderSnapshot
 from bridge.providers.base import ProviderResponse
+
+# An order-detail answer larger than this is refused: 20 orders with their cards fit
+# in a small fraction of it.
+MAX_ANSWER_BYTES = 4 * 1024 * 1024
 
 
 async def query_orders(
@@ -24,13 +29,26 @@ async def query_orders(
         return ProviderUnavailable(account.provider, account.name, list(order_ids), problem)
 
     try:
-        response = await http.post(
-            request.url,
-            content=request.content,
-            headers=dict(request.headers),
-            timeout=account.query_timeout,
-        )
-    except httpx.TimeoutException:
+        # httpx's timeout bounds each read; this bounds the whole answer, however it drips.
+        async with asyncio.timeout(account.query_timeout):
+            async with http.stream(
+                "POST",
+                request.url,
+                content=request.content,
+                headers=dict(request.headers),
+                timeout=account.query_timeout,
+            ) as response:
+                content = bytearray()
+                async for chunk in response.aiter_bytes():
+                    content += chunk
+                    if len(content) > MAX_ANSWER_BYTES:
+                        raise InvalidAnswer(
+                            account.provider,
+                            account.name,
+                            list(order_ids),
+                            f"answer over {MAX_ANSWER_BYTES} bytes",
+                        )
+    except (httpx.TimeoutException, TimeoutError):
         raise unavailable(f"no answer within {account.query_timeout:g}s") from None
     except httpx.HTTPError as exc:
         # The message names the host and the OS error only; credentials travel in bodies.
@@ -38,7 +56,7 @@ async def query_orders(
     answer = ProviderResponse(
         status_code=response.status_code,
         content_type=response.headers.get("content-type", ""),
-        content=response.content,
+        content=bytes(content),
     )
     return provider.parse_query(account, order_ids, answer)
 

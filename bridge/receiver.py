@@ -194,8 +194,7 @@ class Receiver:
             provider=exc.provider,
             account=exc.account,
             order_id=exc.order_id,
-            # A body too large is not kept: the detail gives its size.
-            body=None if body is None else redact.mask_text(body.decode("utf-8", "replace")),
+            body=_kept_body(reason, body),
         )
         try:
             await self.producer.send(
@@ -269,8 +268,12 @@ def _watch_problem(data: Any) -> str | None:
     for name in ("provider", "account", "order_id"):
         if not isinstance(data.get(name), str) or not data[name].strip():
             return f"{name} must be a non-empty string"
-    if len(data["order_id"].strip()) > MAX_ORDER_ID:
+    order_id = data["order_id"].strip()
+    if len(order_id) > MAX_ORDER_ID:
         return f"order_id is longer than {MAX_ORDER_ID} characters"
+    if any(c == "," or c.isspace() or not c.isprintable() for c in order_id):
+        # kasushou queries join order ids with commas: one such id would spoil a batch.
+        return "order_id must not hold commas, spaces or control characters"
     return None
 
 
@@ -285,3 +288,15 @@ def _shown(request: Request, limit: int = 80) -> str:
     """The request's path made fit for a log line: quoted, escaped and cut short."""
     path = request.url.path
     return repr(path[:limit] + ("..." if len(path) > limit else ""))
+
+
+def _kept_body(reason: str, body: bytes | None) -> str | None:
+    """What a refused body leaves in its dead letter: masked JSON or form text.
+
+    Not a body too large (the detail gives its size), nor one of another media type:
+    masking only knows JSON and form encoding, and multipart or XML would keep
+    card secrets in plain text.
+    """
+    if body is None or reason == "unsupported_media_type":
+        return None
+    return redact.mask_text(body.decode("utf-8", "replace"))

@@ -151,12 +151,18 @@ class RunningBridge:
 
 @contextlib.asynccontextmanager
 async def running_bridge(
-    sandbox: RunningSandbox, kafka: KafkaSettings, *, worker: bool = True, **changes: Any
+    sandbox: RunningSandbox,
+    kafka: KafkaSettings,
+    *,
+    with_worker: bool = True,
+    worker: Mapping[str, Any] | None = None,
+    polling: PollSettings | None = None,
+    accounts: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> AsyncIterator[RunningBridge]:
-    """A bridge on the sandbox; `changes` go to `bridge_config` (worker, polling, accounts)."""
-    config = bridge_config(sandbox, kafka, **changes)
+    """A bridge on the sandbox, its config changed as `bridge_config` says."""
+    config = bridge_config(sandbox, kafka, worker=worker, polling=polling, accounts=accounts)
     async with (
-        Bridge(config, worker=worker) as bridge,
+        Bridge(config, worker=with_worker) as bridge,
         httpx.AsyncClient(timeout=10) as http,
         read_topic(kafka, kafka.status_topic) as status,
         read_topic(kafka, kafka.deadletter_topic) as deadletter,

@@ -288,7 +288,7 @@ async def test_a_worker_that_dies_stops_the_bridge_with_an_error(
         raise RuntimeError("a worker bug")
 
     monkeypatch.setattr(Worker, "_take", bug)
-    async with running_bridge(sandbox, kafka_settings, worker=False) as receiver:
+    async with running_bridge(sandbox, kafka_settings, with_worker=False) as receiver:
         running = asyncio.create_task(run(bridge_config(sandbox, kafka_settings), receiver=False))
         order_id, _ = receiver.create("lemft", "succeeded")
         await receiver.post_callback("lemft", order_id)

@@ -87,7 +87,7 @@ async def test_two_workers_never_poll_the_same_order(
     orders = [box.create_order("lunpay-test", status=2).order_id for _ in range(12)]
     async with (
         running_bridge(
-            sandbox, kafka_settings, worker=False, polling=FAST, accounts=UNLIMITED
+            sandbox, kafka_settings, with_worker=False, polling=FAST, accounts=UNLIMITED
         ) as receiver,
         Bridge(config, receiver=False),
     ):

@@ -166,6 +166,13 @@ def test_form_callback_is_accepted_too() -> None:
     assert b"9876" not in hint.stored_body
 
 
+def test_a_repeated_secret_key_is_masked_in_every_occurrence() -> None:
+    body = b"order_id=ord_1&cvv=123&cvv=&pin=9876&pin="
+    hint = PROVIDER.parse_callback(ACCOUNT, body, form_headers())
+    assert b"123" not in hint.stored_body
+    assert b"9876" not in hint.stored_body
+
+
 @pytest.mark.parametrize(
     ("body", "headers", "error", "status"),
     [

@@ -2,21 +2,26 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
+from collections.abc import AsyncIterator, Awaitable, Callable
 from decimal import Decimal
+from typing import Any
 
 import httpx
 import pytest
 
 from bridge.config import Account
 from bridge.errors import (
+    InvalidAnswer,
     OrderNotFound,
     ProviderError,
     ProviderRejected,
     ProviderUnavailable,
 )
 from bridge.orders import Status
-from bridge.query import query_order, query_orders
+from bridge.query import MAX_ANSWER_BYTES, query_order, query_orders
 from bridge.redact import Secret
 from bridge.sandbox import Faults
 from tests.conftest import RunningSandbox
@@ -113,6 +118,71 @@ async def test_unreachable_provider() -> None:
     )
     async with httpx.AsyncClient() as http:
         with pytest.raises(ProviderUnavailable, match="unreachable") as caught:
+            await query_order(http, account, "LP-1")
+    assert caught.value.transient is True
+
+
+Answer = Callable[[asyncio.StreamWriter], Awaitable[None]]
+
+
+@contextlib.asynccontextmanager
+async def raw_provider(answer: Answer) -> AsyncIterator[str]:
+    """A loopback HTTP server that reads a request, then lets `answer` write what it likes."""
+
+    handlers: set[asyncio.Task[Any]] = set()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        handlers.add(asyncio.current_task())  # type: ignore[arg-type]
+        try:
+            await reader.readuntil(b"\r\n\r\n")
+            await answer(writer)
+        except OSError:
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    async with server:
+        yield f"http://127.0.0.1:{port}"
+        for handler in handlers:
+            handler.cancel()
+        await asyncio.gather(*handlers, return_exceptions=True)
+
+
+async def drip(writer: asyncio.StreamWriter) -> None:
+    """Headers at once, then a byte now and then: each read is quick, the answer never ends."""
+    writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 1000\r\n\r\n")
+    for _ in range(100):
+        writer.write(b" ")
+        await writer.drain()
+        await asyncio.sleep(0.1)
+
+
+async def flood(writer: asyncio.StreamWriter) -> None:
+    size = MAX_ANSWER_BYTES + 1
+    writer.write(f"HTTP/1.1 200 OK\r\ncontent-length: {size}\r\n\r\n".encode())
+    writer.write(b" " * size)
+    await writer.drain()
+
+
+@pytest.mark.parametrize(
+    ("answer", "timeout", "error", "problem"),
+    [
+        (drip, 0.5, ProviderUnavailable, "no answer within 0.5s"),
+        (flood, 30, InvalidAnswer, f"answer over {MAX_ANSWER_BYTES} bytes"),
+    ],
+)
+async def test_an_answer_must_end_in_time_and_within_a_size(
+    answer: Answer,
+    timeout: float,
+    error: type[ProviderError],
+    problem: str,
+) -> None:
+    async with raw_provider(answer) as url, httpx.AsyncClient() as http:
+        lunpay = make_accounts()["lunpay"]
+        account = dataclasses.replace(lunpay, base_url=url, query_timeout=timeout)
+        with pytest.raises(error, match=problem) as caught:
             await query_order(http, account, "LP-1")
     assert caught.value.transient is True
 

@@ -25,7 +25,7 @@ from bridge.errors import (
     UnsupportedMediaType,
 )
 from bridge.orders import CallbackHint, OrderSnapshot, ProviderStatus, Status
-from bridge.redact import mask_secrets
+from bridge.redact import mask_secrets, mask_text
 
 if TYPE_CHECKING:
     from bridge.config import Account
@@ -159,7 +159,11 @@ class DecodedCallback:
         """The body with card secrets masked; the raw bytes when there is nothing to mask."""
         masked = mask_secrets(self.fields)
         if masked == self.fields:
-            return self.raw
+            # `fields` keeps a repeated key's last value only (`cvv=123&cvv=`): mask the
+            # text too before keeping the raw bytes.
+            text = self.raw.decode("utf-8", "replace")
+            masked_text = mask_text(text)
+            return self.raw if masked_text == text else masked_text.encode()
         if self.encoding == "json":
             return orjson.dumps(masked)
         return urllib.parse.urlencode(masked).encode()

@@ -25,7 +25,8 @@ from bridge.providers.base import (
     map_status,
     require_text,
 )
-from bridge.redact import Secret
+from bridge.redact import Secret, mask_secrets
+from bridge.sealing import hider
 
 if TYPE_CHECKING:
     from bridge.config import Account
@@ -120,7 +121,7 @@ class Lemft:
                 provider_status=provider_status,
                 amount=reader.decimal(info.get("amount"), "amount"),
                 currency=str(info.get("currency") or ""),
-                details=jsonable(details),
+                details=mask_secrets(jsonable(details), hider(account)),
             )
         ]
 

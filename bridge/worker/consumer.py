@@ -35,6 +35,9 @@ from bridge.worker.polls import PollSchedule
 
 log = logging.getLogger(__name__)
 
+# Seconds an offset commit may take before it is left to the next one.
+COMMIT_TIMEOUT = 10.0
+
 
 class Worker:
     def __init__(
@@ -68,6 +71,9 @@ class Worker:
         # Polls handed to lanes and not finished, by partition: a release drops its count
         # with the partition, since cancelled lanes never run the jobs queued in them.
         self._polls_in_flight: dict[int, int] = {}
+        # Partitions whose state is restored; records of the others wait in `_held`.
+        self._restored: set[int] = set()
+        self._held: dict[int, list[ConsumerRecord]] = {}
         # Set when the poll loop should look at the schedule again now.
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
@@ -161,6 +167,13 @@ class Worker:
     def _take(self, partition: int, record: ConsumerRecord) -> None:
         offsets = self._offsets.setdefault(partition, PartitionOffsets())
         offsets.started(record.offset)
+        if partition not in self._restored:
+            # aiokafka fetches a new partition while its state is still being restored.
+            self._held.setdefault(partition, []).append(record)
+            return
+        self._submit(partition, record)
+
+    def _submit(self, partition: int, record: ConsumerRecord) -> None:
         lanes = self._lanes.setdefault(partition, OrderLanes())
         key = record.key.decode() if record.key else f"offset {record.offset}"
         lanes.submit(key, partial(self._handle, partition, record))
@@ -169,11 +182,15 @@ class Worker:
     async def _handle(self, partition: int, record: ConsumerRecord) -> None:
         try:
             await self._handler.handle(partition, record.value)
-        finally:
-            offsets = self._offsets.get(partition)
-            if offsets is not None:
-                offsets.finished(record.offset)
-            self._metrics.set("order_bridge_hints_in_flight", self.in_flight)
+        except asyncio.CancelledError:
+            # Handed back by a drain: its offset stays uncommitted, for the next owner.
+            raise
+        except Exception:
+            log.exception("hint at inbox partition %d offset %d failed", partition, record.offset)
+        offsets = self._offsets.get(partition)
+        if offsets is not None:
+            offsets.finished(record.offset)
+        self._metrics.set("order_bridge_hints_in_flight", self.in_flight)
 
     def _apply_backpressure(self) -> None:
         # Pausing, rather than not polling, keeps the consumer's group membership alive.
@@ -191,13 +208,16 @@ class Worker:
         if not ready:
             return
         try:
-            await self._consumer.commit(ready)
-        except KafkaError as exc:
-            # Not fatal: the next commit covers these offsets too.
+            # Bounded: aiokafka looks for the group coordinator for as long as Kafka is away.
+            await asyncio.wait_for(self._consumer.commit(ready), COMMIT_TIMEOUT)
+        except (KafkaError, TimeoutError) as exc:
+            # Not fatal: the next commit covers these offsets too, or the next owner
+            # does these hints again.
             log.warning("committing inbox offsets failed: %r", exc)
             return
         for tp, offset in ready.items():
-            self._offsets[tp.partition].committed(offset)
+            if (partition := self._offsets.get(tp.partition)) is not None:
+                partition.committed(offset)
 
     async def _release(self, partitions: list[int]) -> None:
         """Finishes (within drain_timeout) or hands back the hints of `partitions`."""
@@ -213,13 +233,17 @@ class Worker:
             self._lanes.pop(partition, None)
             self._offsets.pop(partition, None)
             self._polls_in_flight.pop(partition, None)
+            self._held.pop(partition, None)
+        self._restored.difference_update(partitions)
         self._state.forget(partitions)
 
     async def _assigned(self, partitions: list[int]) -> None:
         # Hints must not run before their orders' state is back: without it the
         # forward-only rule cannot hold. So a restore that fails is tried again, until
         # the worker stops: aiokafka's stop() waits for this listener to return.
-        while not self._stopping:
+        while True:
+            if self._stopping:
+                return
             try:
                 await self._state.restore(partitions)
                 break
@@ -232,6 +256,9 @@ class Worker:
             self._schedule.own(partition)
             for key, state in self._state.items(partition):
                 self._schedule.set(partition, key, state.next_due)
+            self._restored.add(partition)
+            for record in self._held.pop(partition, []):
+                self._submit(partition, record)
         self._wake.set()
         log.info("owning inbox partitions %s", sorted(partitions))
 

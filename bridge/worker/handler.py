@@ -14,7 +14,7 @@ import logging
 import time
 from dataclasses import dataclass
 
-from aiokafka.errors import KafkaError
+from aiokafka.errors import KafkaError, MessageSizeTooLargeError
 
 from bridge.config import Account, Config
 from bridge.deadletter import Reason, dead_letter
@@ -128,7 +128,24 @@ class HintHandler:
         record: InboxRecord | None = None,
     ) -> None:
         order = _Order(partition, account, order_id, record)
-        previous = self._state.get(partition, order.key)
+        try:
+            await self._settle(order, trigger)
+        except Exception as exc:
+            # A bug, ours or an adapter's, on an answer nobody foresaw, or an event Kafka
+            # can never take. The hint is kept (replayable) and the order stays
+            # followed; the traceback is in the log.
+            log.exception("%s: confirming failed unexpectedly", order.key)
+            if record is not None:
+                detail = f"unexpected {type(exc).__name__}; see the worker's log"
+                await self._dead_letter(order, "failed", detail)
+            known = self._state.get(partition, order.key) or OrderState(first_seen=time.time())
+            next_poll = time.time() + self._config.polling.interval(known.polls)
+            await self._finish(order, known, "failed", next_poll)
+
+    async def _settle(self, order: _Order, trigger: Trigger) -> None:
+        """Queries the order, publishes what changed, saves its state and next poll."""
+        account, order_id = order.account, order.order_id
+        previous = self._state.get(order.partition, order.key)
         now = time.time()
         known = previous or OrderState(first_seen=now)
         polling = self._config.polling
@@ -157,15 +174,6 @@ class HintHandler:
                 return
             await self._dead_letter(order, "rejected", str(exc))
             await self._finish(order, known, "rejected", None)
-            return
-        except Exception as exc:
-            # A bug, ours or an adapter's, on an answer nobody foresaw. The hint is kept
-            # (replayable) and the order stays followed; the traceback is in the log.
-            log.exception("%s: confirming failed unexpectedly", order.key)
-            if record is not None:
-                detail = f"unexpected {type(exc).__name__}; see the worker's log"
-                await self._dead_letter(order, "failed", detail)
-            await self._finish(order, known, "failed", now + polling.interval(known.polls))
             return
 
         decision = decide(previous, snapshot)
@@ -323,6 +331,8 @@ class HintHandler:
         while True:
             try:
                 await self._producer.send(topic, key, value, headers, timeout=30)
+            except MessageSizeTooLargeError:
+                raise  # no retry can make it fit
             except (KafkaError, TimeoutError) as exc:
                 attempt += 1
                 delay = backoff(attempt, 0.5, 10.0)

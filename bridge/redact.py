@@ -16,6 +16,8 @@ MASK = "******"
 # credentials are always masked.
 CARD_FIELDS = frozenset({"card_no", "card_number", "card_password", "cvv", "cvc", "pin"})
 SECRET_FIELDS = CARD_FIELDS | {"key", "secret", "api_key"}
+# Payloads are flat or nearly so: deeper nesting is refused, or masked as text.
+MAX_NESTING = 32
 # Card numbers keep their last four digits so people can still tell cards apart.
 _KEEP_LAST_FOUR = frozenset({"card_no", "card_number"})
 
@@ -41,6 +43,21 @@ class Secret:
 
     def __hash__(self) -> int:
         return hash(self._value)
+
+
+def nested_deeper_than(value: Any, limit: int) -> bool:
+    """Whether JSON `value` nests lists and objects deeper than `limit`, found without
+    recursion: the point is to refuse what would exhaust the stack when walked."""
+    pending = [(value, 0)]
+    while pending:
+        item, depth = pending.pop()
+        if depth > limit:
+            return True
+        if isinstance(item, dict):
+            pending.extend((v, depth + 1) for v in item.values())
+        elif isinstance(item, list):
+            pending.extend((v, depth + 1) for v in item)
+    return False
 
 
 def mask_value(field: str, value: Any) -> Any:
@@ -69,7 +86,9 @@ def mask_secrets(value: Any, hide: Callable[[str, Any], Any] = mask_value) -> An
         try:
             decoded = orjson.loads(value)
         except orjson.JSONDecodeError:
-            return value
+            return mask_text(value)
+        if nested_deeper_than(decoded, MAX_NESTING):
+            return mask_text(value)
         masked = mask_secrets(decoded, hide)
         if masked != decoded:
             return orjson.dumps(masked).decode()

@@ -173,11 +173,25 @@ def test_a_repeated_secret_key_is_masked_in_every_occurrence() -> None:
     assert b"9876" not in hint.stored_body
 
 
+@pytest.mark.parametrize("depth", [5, 600, 2000])
+def test_json_in_a_form_value_is_masked_however_deep(depth: int) -> None:
+    cards = "[" * depth + '{"cvv": "777"}' + "]" * depth
+    body = urllib.parse.urlencode({"order_id": "ord_1", "card_list": cards}).encode()
+    hint = PROVIDER.parse_callback(ACCOUNT, body, form_headers())
+    assert b"777" not in hint.stored_body
+
+
+def nested(depth: int) -> bytes:
+    return b'{"order_id": "o", "x": ' + b"[" * depth + b"]" * depth + b"}"
+
+
 @pytest.mark.parametrize(
     ("body", "headers", "error", "status"),
     [
         (b'{"card_id": "x"}', json_headers(), MalformedCallback, 400),
         (b"{not json", json_headers(), MalformedCallback, 400),
+        (nested(40), json_headers(), MalformedCallback, 400),
+        (nested(5000), json_headers(), MalformedCallback, 400),
         (b"[1, 2]", json_headers(), MalformedCallback, 400),
         (b"order_id=ord_1", {"content-type": "text/plain"}, UnsupportedMediaType, 415),
         (b"order_id=ord_1", {}, UnsupportedMediaType, 415),

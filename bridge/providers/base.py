@@ -25,7 +25,7 @@ from bridge.errors import (
     UnsupportedMediaType,
 )
 from bridge.orders import CallbackHint, OrderSnapshot, ProviderStatus, Status
-from bridge.redact import mask_secrets, mask_text
+from bridge.redact import MAX_NESTING, mask_secrets, mask_text, nested_deeper_than
 
 if TYPE_CHECKING:
     from bridge.config import Account
@@ -180,10 +180,12 @@ def decode_callback(account: Account, body: bytes, headers: Mapping[str, str]) -
     if media_type == "application/json" or media_type.endswith("+json"):
         try:
             fields = json.loads(body)
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):
             raise rejected(MalformedCallback, "body is not valid JSON") from None
         if not isinstance(fields, dict):
             raise rejected(MalformedCallback, "JSON body is not an object")
+        if nested_deeper_than(fields, MAX_NESTING):
+            raise rejected(MalformedCallback, f"JSON body is nested deeper than {MAX_NESTING}")
         return DecodedCallback(fields, "json", content_type, body)
     if media_type == "application/x-www-form-urlencoded":
         try:

@@ -184,6 +184,23 @@ async def test_urgent_requests_go_before_polls_queued_earlier(make_gateway: Make
     assert fake.calls == [["BLOCKER"], ["U"], ["P0"], ["P1"], ["P2"], ["P3"], ["P4"]]
 
 
+async def test_a_hurried_poll_goes_with_the_urgent_requests(make_gateway: MakeGateway) -> None:
+    fake = FakeProvider()
+    gateway = make_gateway(fake, max_concurrent=1, max_batch=1)
+    fake.gate.clear()
+    blocked = asyncio.create_task(gateway.query("BLOCKER", urgent=False))
+    await fake.wait_for_calls(1)
+    poll = asyncio.create_task(gateway.query("P", urgent=False))
+    early = [asyncio.create_task(gateway.query(f"U{i}", urgent=True)) for i in range(2)]
+    await asyncio.sleep(0.01)
+    gateway.hurry("P")  # a hint for P waits behind this poll
+    late = [asyncio.create_task(gateway.query(f"V{i}", urgent=True)) for i in range(2)]
+    await asyncio.sleep(0.01)
+    fake.gate.set()
+    await asyncio.gather(blocked, poll, *early, *late)
+    assert fake.calls == [["BLOCKER"], ["U0"], ["U1"], ["P"], ["V0"], ["V1"]]
+
+
 async def test_a_cancelled_waiter_is_not_asked_for(make_gateway: MakeGateway) -> None:
     fake = FakeProvider()
     gateway = make_gateway(fake, max_concurrent=1)

@@ -176,6 +176,11 @@ class Worker:
     def _submit(self, partition: int, record: ConsumerRecord) -> None:
         lanes = self._lanes.setdefault(partition, OrderLanes())
         key = record.key.decode() if record.key else f"offset {record.offset}"
+        if key in lanes and key.count("/") >= 2:
+            # The order is busy, maybe with a poll that waits behind other orders' hints
+            # for a token: this hint would wait behind it, so it goes with the hints.
+            _, account, order_id = key.split("/", 2)
+            self._gateways.hurry(account, order_id)
         lanes.submit(key, partial(self._handle, partition, record))
         self._metrics.set("order_bridge_hints_in_flight", self.in_flight)
 

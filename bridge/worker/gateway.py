@@ -109,6 +109,14 @@ class AccountGateway:
         # A waiter cancelled here cancels `future`; the dispatcher then skips it.
         return await future
 
+    def hurry(self, order_id: str) -> None:
+        """Moves the queued polls of `order_id` to the end of the urgent queue: a hint
+        for the order waits behind them (one order's work runs in turn)."""
+        hurried = [waiter for waiter in self._polls if waiter[0] == order_id]
+        for waiter in hurried:
+            self._polls.remove(waiter)
+            self._urgent.append(waiter)
+
     async def aclose(self) -> None:
         """Stops dispatching; waiting and in-flight requests get `CancelledError`."""
         self._closed = True
@@ -218,6 +226,12 @@ class Gateways:
                 account=account.name,
             )
         return gateway
+
+    def hurry(self, account: str, order_id: str) -> None:
+        """`AccountGateway.hurry` on the account's gateway, if it has one."""
+        gateway = self._gateways.get(account)
+        if gateway is not None:
+            gateway.hurry(order_id)
 
     async def aclose(self) -> None:
         """Closes every gateway; they stay closed, so a late query fails instead of leaking."""

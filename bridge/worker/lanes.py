@@ -46,6 +46,10 @@ class OrderLanes:
         finally:
             del self._lanes[key]
 
+    def __contains__(self, key: str) -> bool:
+        """Whether `key` has work queued or running."""
+        return key in self._lanes
+
     def __len__(self) -> int:
         """The number of orders with work queued or running."""
         return len(self._lanes)

@@ -53,7 +53,7 @@ from bridge.errors import StartupError
 from bridge.sandbox import Sandbox
 from bridge.servers import serve
 from bridge.service import Bridge, stop_on_signals
-from bridge.tail import Event, follow
+from bridge.tail import Event, each_event
 
 SCRIPT = Path(__file__).resolve()
 BASELINE = SCRIPT.with_name("pipeline_baseline.json")
@@ -247,19 +247,12 @@ class Arrivals:
     @contextlib.asynccontextmanager
     async def following(cls, config: Config) -> AsyncIterator[Arrivals]:
         arrivals = cls()
-        async with follow(config.kafka, from_beginning=True) as events:
-            task = asyncio.create_task(arrivals._read(events))
-            try:
-                yield arrivals
-            finally:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+        async with each_event(config.kafka, arrivals._seen):
+            yield arrivals
 
-    async def _read(self, events: AsyncIterator[Event]) -> None:
-        async for event in events:
-            self.seen.setdefault(event.key, []).append(time.monotonic())
-            self.statuses.setdefault(event.key, set()).add(str(event.value.get("status")))
+    async def _seen(self, event: Event) -> None:
+        self.seen.setdefault(event.key, []).append(time.monotonic())
+        self.statuses.setdefault(event.key, set()).add(str(event.value.get("status")))
 
     async def wait(self, keys: Sequence[str], timeout: float) -> bool:
         """Whether every key had an event within `timeout` seconds."""

@@ -28,7 +28,7 @@ from bridge.redact import Secret
 from bridge.sandbox import Sandbox
 from bridge.servers import serve
 from bridge.service import Bridge, stop_on_signals
-from bridge.tail import Event, follow
+from bridge.tail import Event, each_event
 
 # Demo credentials: fake, known only to the sandbox on this machine.
 _DEMO_SECRETS = {
@@ -171,21 +171,14 @@ class EventLog:
     @contextlib.asynccontextmanager
     async def following(cls, config: Config) -> AsyncIterator[EventLog]:
         log = cls()
-        async with follow(config.kafka, from_beginning=True) as events:
-            task = asyncio.create_task(log._consume(events))
-            try:
-                yield log
-            finally:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+        async with each_event(config.kafka, log._seen):
+            yield log
 
-    async def _consume(self, events: AsyncIterator[Event]) -> None:
-        async for event in events:
-            print(f"  event  {event.describe()}", flush=True)
-            async with self._changed:
-                self._counts[event.key] += 1
-                self._changed.notify_all()
+    async def _seen(self, event: Event) -> None:
+        print(f"  event  {event.describe()}", flush=True)
+        async with self._changed:
+            self._counts[event.key] += 1
+            self._changed.notify_all()
 
     async def wait(self, key: str, count: int, timeout: float = 30.0) -> None:
         async with self._changed:

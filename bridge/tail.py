@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,6 +66,26 @@ async def _events(consumer: AIOKafkaConsumer) -> AsyncIterator[Event]:
             headers={k: v.decode(errors="replace") for k, v in record.headers},
             value=value,
         )
+
+
+@contextlib.asynccontextmanager
+async def each_event(
+    settings: KafkaSettings, handle: Callable[[Event], Awaitable[None]]
+) -> AsyncIterator[None]:
+    """Calls `handle` for every status event, from the first on, while the block runs."""
+    async with follow(settings, from_beginning=True) as events:
+
+        async def consume() -> None:
+            async for event in events:
+                await handle(event)
+
+        task = asyncio.create_task(consume())
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
 
 async def tail(settings: KafkaSettings, *, from_beginning: bool = False) -> None:

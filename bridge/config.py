@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from bridge import providers
+from bridge.accounts import Account, Secret
 from bridge.errors import ConfigError, UnknownAccount
-from bridge.redact import Secret
 from bridge.sealing import card_cipher
 
 CONFIG_ENV = "ORDER_BRIDGE_CONFIG"
@@ -99,32 +99,6 @@ class PollSettings:
 
     def interval(self, step: int) -> float:
         return self.intervals[min(step, len(self.intervals) - 1)]
-
-
-@dataclass(frozen=True)
-class Account:
-    """One merchant account at a provider."""
-
-    name: str
-    provider: str
-    base_url: str
-    # The provider's own credentials and options: a dataclass from its module.
-    settings: Any
-    # The body answered to an accepted callback; `None` means the provider's default.
-    callback_ack: str | None = None
-    # Seconds one order-detail query may take before it counts as failed.
-    query_timeout: float = 10.0
-    # Order-detail queries to this account at once.
-    max_concurrent_queries: int = 4
-    # Order-detail queries a second to this account (callbacks and polls share them,
-    # callbacks first), and how many may go at once after a quiet spell.
-    query_rate: float = 5.0
-    query_burst: int = 5
-    # Order ids one query may carry (kasushou takes several); default: the provider's most.
-    max_batch: int | None = None
-    # 32 bytes in base64: card numbers and passwords in events are sealed with it for
-    # consumers (bridge/sealing.py) rather than masked.
-    card_key: Secret | None = None
 
 
 # The keys an [[accounts]] table may hold besides its provider's own settings.

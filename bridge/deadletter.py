@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 import orjson
 
-from bridge.events import iso, utc_now
+from bridge.clock import iso, utc_now
 from bridge.inbox import InboxRecord
 
 Reason = Literal[

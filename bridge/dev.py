@@ -19,12 +19,12 @@ from typing import Any
 
 import httpx
 
+from bridge.accounts import Account, Secret
 from bridge.broker import embedded_broker, free_port
-from bridge.config import Account, Config, load_config
+from bridge.config import Config, load_config
 from bridge.providers.kasushou import KasushouSettings
 from bridge.providers.lemft import LemftSettings
 from bridge.providers.lunpay import LunpaySettings
-from bridge.redact import Secret
 from bridge.sandbox import Sandbox
 from bridge.servers import serve
 from bridge.service import Bridge, stop_on_signals

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Literal
 
 import orjson
 
+from bridge.clock import iso
 from bridge.orders import OrderSnapshot, Status
 
 Trigger = Literal["callback", "watch", "poll", "replay"]
@@ -22,15 +23,6 @@ TRIGGERS: tuple[Trigger, ...] = ("callback", "watch", "poll", "replay")
 EVENT_TYPE = "order.status.changed"
 # Event ids are UUIDv5 names under this namespace.
 _EVENT_NAMESPACE = uuid.UUID("3f7f8c1e-2b8e-5d5c-9a51-6f1c0c4e8a10")
-
-
-def utc_now() -> datetime:
-    return datetime.now(UTC)
-
-
-def iso(moment: datetime) -> str:
-    """UTC, ISO 8601, milliseconds, `Z`: `2026-11-22T10:00:00.123Z`."""
-    return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 @dataclass(frozen=True)

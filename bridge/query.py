@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import httpx
 
 from bridge import providers
-from bridge.config import Account
+from bridge.accounts import Account
 from bridge.errors import InvalidAnswer, OrderNotFound, ProviderUnavailable
 from bridge.orders import OrderSnapshot
 from bridge.providers.base import ProviderResponse

@@ -21,7 +21,9 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from bridge import providers, redact
-from bridge.config import Account, Config
+from bridge.accounts import Account
+from bridge.clock import iso, utc_now
+from bridge.config import Config
 from bridge.deadletter import Reason, dead_letter
 from bridge.errors import (
     BadSignature,
@@ -31,7 +33,6 @@ from bridge.errors import (
     UnknownAccount,
     UnsupportedMediaType,
 )
-from bridge.events import iso, utc_now
 from bridge.inbox import KEPT_HEADERS, InboxRecord
 from bridge.kafka import Producer
 from bridge.metrics import Metrics

@@ -1,4 +1,4 @@
-"""Keeping secrets out of sight: the `Secret` wrapper and masking of card data."""
+"""Masking of card data and credentials in payloads and text."""
 
 from __future__ import annotations
 
@@ -20,29 +20,6 @@ SECRET_FIELDS = CARD_FIELDS | {"key", "secret", "api_key"}
 MAX_NESTING = 32
 # Card numbers keep their last four digits so people can still tell cards apart.
 _KEEP_LAST_FOUR = frozenset({"card_no", "card_number"})
-
-
-class Secret:
-    """A credential: its value is only reachable through `reveal()`, never through str/repr."""
-
-    __slots__ = ("_value",)
-
-    def __init__(self, value: str) -> None:
-        self._value = value
-
-    def reveal(self) -> str:
-        return self._value
-
-    def __repr__(self) -> str:
-        return "Secret('******')"
-
-    __str__ = __repr__
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Secret) and other._value == self._value
-
-    def __hash__(self) -> int:
-        return hash(self._value)
 
 
 def nested_deeper_than(value: Any, limit: int) -> bool:

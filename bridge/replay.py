@@ -13,8 +13,8 @@ from dataclasses import replace
 
 import orjson
 
+from bridge.clock import iso, utc_now
 from bridge.config import KafkaSettings
-from bridge.events import iso, utc_now
 from bridge.inbox import InboxRecord
 from bridge.kafka import Producer, read_to_end
 

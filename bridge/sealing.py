@@ -13,16 +13,13 @@ import base64
 import binascii
 import os
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from bridge.accounts import Secret
 from bridge.redact import CARD_FIELDS, mask_value
-
-if TYPE_CHECKING:
-    from bridge.config import Account
-    from bridge.redact import Secret
 
 PREFIX = "sealed:v1:"
 _NONCE_BYTES = 12
@@ -57,10 +54,9 @@ def unseal(key: Secret, field: str, token: str) -> str:
         raise ValueError("does not open with this key and field") from None
 
 
-def hider(account: Account) -> Callable[[str, Any], Any]:
-    """How the secret fields of `account`'s status events are hidden: card fields sealed
-    when it sets a `card_key`, everything else (and everything without a key) masked."""
-    key = account.card_key
+def hider(key: Secret | None) -> Callable[[str, Any], Any]:
+    """How the secret fields of status events are hidden: card fields sealed with an
+    account's `card_key`, everything else (and everything without a key) masked."""
     if key is None:
         return mask_value
 

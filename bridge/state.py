@@ -10,12 +10,11 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime
 
 import orjson
 
+from bridge.clock import epoch_from_iso, iso_from_epoch
 from bridge.config import KafkaSettings
-from bridge.events import iso
 from bridge.kafka import read_to_end
 from bridge.orders import Status
 
@@ -53,42 +52,34 @@ class OrderState:
         return orjson.dumps(
             {
                 "version": 1,
-                "first_seen_at": _iso(self.first_seen),
+                "first_seen_at": iso_from_epoch(self.first_seen),
                 "status": None if self.status is None else self.status.value,
                 "code": self.code,
                 "event_id": self.event_id,
-                "published_at": _iso(self.published_at),
-                "next_poll_at": _iso(self.next_poll),
+                "published_at": iso_from_epoch(self.published_at),
+                "next_poll_at": iso_from_epoch(self.next_poll),
                 "polls": self.polls,
                 "misses": self.misses,
-                "forget_at": _iso(self.forget_at),
+                "forget_at": iso_from_epoch(self.forget_at),
             }
         )
 
     @classmethod
     def decode(cls, value: bytes) -> OrderState:
         data = orjson.loads(value)
-        first_seen = _epoch(data["first_seen_at"])
+        first_seen = epoch_from_iso(data["first_seen_at"])
         assert first_seen is not None
         return cls(
             first_seen=first_seen,
             status=None if data["status"] is None else Status(data["status"]),
             code=data["code"],
             event_id=data["event_id"],
-            published_at=_epoch(data["published_at"]),
-            next_poll=_epoch(data["next_poll_at"]),
+            published_at=epoch_from_iso(data["published_at"]),
+            next_poll=epoch_from_iso(data["next_poll_at"]),
             polls=data["polls"],
             misses=data["misses"],
-            forget_at=_epoch(data.get("forget_at")),
+            forget_at=epoch_from_iso(data.get("forget_at")),
         )
-
-
-def _iso(epoch: float | None) -> str | None:
-    return None if epoch is None else iso(datetime.fromtimestamp(epoch, UTC))
-
-
-def _epoch(text: str | None) -> float | None:
-    return None if text is None else datetime.fromisoformat(text).timestamp()
 
 
 class StateStore:

@@ -14,8 +14,8 @@ from typing import Any
 
 import httpx
 
+from bridge.accounts import Secret
 from bridge.config import Config, HttpSettings, KafkaSettings, PollSettings, WorkerSettings
-from bridge.redact import Secret
 from bridge.service import Bridge
 from tests.conftest import RunningSandbox
 from tests.kafka import Record, TopicReader, read_topic

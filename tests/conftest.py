@@ -11,8 +11,9 @@ from typing import TYPE_CHECKING
 
 import pytest
 
+from bridge.accounts import Account
 from bridge.broker import EmbeddedBroker, free_port
-from bridge.config import Account, KafkaSettings
+from bridge.config import KafkaSettings
 from bridge.sandbox import Sandbox
 from bridge.servers import serve
 from tests.helpers import make_accounts

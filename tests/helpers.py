@@ -7,12 +7,11 @@ from typing import Any
 
 import orjson
 
-from bridge.config import Account
+from bridge.accounts import Account, Secret
 from bridge.providers.base import ProviderResponse
 from bridge.providers.kasushou import KasushouSettings
 from bridge.providers.lemft import LemftSettings
 from bridge.providers.lunpay import LunpaySettings
-from bridge.redact import Secret
 
 FIXTURES = Path(__file__).parent / "fixtures"
 

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from bridge.accounts import Secret
 from bridge.config import Config, load_config, parse_config
 from bridge.errors import ConfigError, UnknownAccount
-from bridge.redact import Secret
 
 EXAMPLE = """
 [kafka]

@@ -15,11 +15,11 @@ from pathlib import Path
 import httpx
 import pytest
 
+from bridge.accounts import Secret
 from bridge.broker import free_port
 from bridge.config import KafkaSettings
 from bridge.errors import StartupError
 from bridge.providers.lunpay import Lunpay
-from bridge.redact import Secret
 from bridge.replay import replay
 from bridge.sandbox import Faults
 from bridge.sealing import unseal

@@ -9,6 +9,7 @@ from decimal import Decimal
 
 import pytest
 
+from bridge.accounts import Secret
 from bridge.errors import (
     BadSignature,
     InvalidAnswer,
@@ -19,7 +20,6 @@ from bridge.errors import (
 )
 from bridge.orders import Status
 from bridge.providers.kasushou import PROVIDER, request_body, sign
-from bridge.redact import Secret
 from tests.helpers import (
     GARBAGE,
     KASUSHOU_API_KEY,

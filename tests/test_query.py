@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 import pytest
 
-from bridge.config import Account
+from bridge.accounts import Account, Secret
 from bridge.errors import (
     InvalidAnswer,
     OrderNotFound,
@@ -22,7 +22,6 @@ from bridge.errors import (
 )
 from bridge.orders import Status
 from bridge.query import MAX_ANSWER_BYTES, query_order, query_orders
-from bridge.redact import Secret
 from bridge.sandbox import Faults
 from tests.conftest import RunningSandbox
 from tests.helpers import SECRETS, make_accounts

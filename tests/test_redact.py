@@ -8,7 +8,8 @@ import urllib.parse
 
 import pytest
 
-from bridge.redact import Secret, mask_secrets, mask_text
+from bridge.accounts import Secret
+from bridge.redact import mask_secrets, mask_text
 
 
 def test_secret_hides_its_value() -> None:

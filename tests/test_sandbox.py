@@ -23,7 +23,7 @@ from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
 from bridge import providers
-from bridge.config import Account
+from bridge.accounts import Account
 from bridge.query import query_order
 from bridge.sandbox import Faults, Sandbox
 from bridge.servers import serve

@@ -10,9 +10,10 @@ from typing import Any
 
 import pytest
 
+from bridge.accounts import Secret
 from bridge.config import parse_config
 from bridge.errors import ConfigError
-from bridge.redact import MASK, Secret, mask_secrets
+from bridge.redact import MASK, mask_secrets
 from bridge.sealing import PREFIX, card_cipher, hider, seal, unseal
 
 KEY = Secret(base64.b64encode(os.urandom(32)).decode())
@@ -70,7 +71,7 @@ def test_a_bad_card_key_stops_start_up_naming_the_key_not_the_value() -> None:
 def test_with_a_card_key_card_fields_are_sealed_and_credentials_still_masked() -> None:
     config = parse_config({"accounts": [{**ACCOUNT, "card_key": KEY.reveal()}]})
     details = {"card_list": [{"card_no": "6222020200112233", "card_password": "99"}], "key": "k1"}
-    hidden = mask_secrets(details, hider(config.accounts[0]))
+    hidden = mask_secrets(details, hider(config.accounts[0].card_key))
     card = hidden["card_list"][0]
     assert unseal(KEY, "card_no", card["card_no"]) == "6222020200112233"
     assert unseal(KEY, "card_password", card["card_password"]) == "99"

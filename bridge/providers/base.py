@@ -28,7 +28,7 @@ from bridge.orders import CallbackHint, OrderSnapshot, ProviderStatus, Status
 from bridge.redact import MAX_NESTING, mask_secrets, mask_text, nested_deeper_than
 
 if TYPE_CHECKING:
-    from bridge.config import Account
+    from bridge.accounts import Account
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from bridge.accounts import Secret
 from bridge.errors import BadSignature, MismatchedAnswer, ProviderRejected, ProviderUnavailable
 from bridge.orders import CallbackHint, OrderSnapshot, Status
 from bridge.providers.base import (
@@ -29,11 +30,11 @@ from bridge.providers.base import (
     map_status,
     require_text,
 )
-from bridge.redact import Secret, mask_secrets
+from bridge.redact import mask_secrets
 from bridge.sealing import hider
 
 if TYPE_CHECKING:
-    from bridge.config import Account
+    from bridge.accounts import Account
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +160,7 @@ class Kasushou:
                     provider_status=provider_status,
                     amount=reader.decimal(item.get("total_price"), "total_price"),
                     currency=account.settings.currency,
-                    details=mask_secrets(jsonable(details), hider(account)),
+                    details=mask_secrets(jsonable(details), hider(account.card_key)),
                 )
             )
         return snapshots

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from bridge.accounts import Secret
 from bridge.errors import InvalidAnswer, MismatchedAnswer, ProviderRejected
 from bridge.orders import CallbackHint, OrderSnapshot, Status
 from bridge.providers.base import (
@@ -25,11 +26,11 @@ from bridge.providers.base import (
     map_status,
     require_text,
 )
-from bridge.redact import Secret, mask_secrets
+from bridge.redact import mask_secrets
 from bridge.sealing import hider
 
 if TYPE_CHECKING:
-    from bridge.config import Account
+    from bridge.accounts import Account
 
 STATUSES: StatusTable = {
     0: (Status.PROCESSING, "processing"),
@@ -121,7 +122,7 @@ class Lemft:
                 provider_status=provider_status,
                 amount=reader.decimal(info.get("amount"), "amount"),
                 currency=str(info.get("currency") or ""),
-                details=mask_secrets(jsonable(details), hider(account)),
+                details=mask_secrets(jsonable(details), hider(account.card_key)),
             )
         ]
 

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Literal
 
 import orjson
 
+from bridge.accounts import Secret
 from bridge.errors import InvalidAnswer, MismatchedAnswer, ProviderRejected
 from bridge.orders import CallbackHint, OrderSnapshot, Status
 from bridge.providers.base import (
@@ -26,10 +27,9 @@ from bridge.providers.base import (
     map_status,
     require_text,
 )
-from bridge.redact import Secret
 
 if TYPE_CHECKING:
-    from bridge.config import Account
+    from bridge.accounts import Account
 
 STATUSES: StatusTable = {
     0: (Status.PROCESSING, "in_progress"),

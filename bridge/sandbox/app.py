@@ -23,7 +23,7 @@ from bridge.sandbox.base import Encoding, Query, SandboxProvider, Shown
 from bridge.sandbox.book import Faults, OrderBook, QueryRecord, SandboxOrder
 
 if TYPE_CHECKING:
-    from bridge.config import Account
+    from bridge.accounts import Account
 
 PROVIDERS: dict[str, SandboxProvider] = {
     p.name: p for p in (lemft.PROVIDER, lunpay.PROVIDER, kasushou.PROVIDER)

@@ -14,7 +14,7 @@ from starlette.responses import Response
 from bridge.sandbox.book import SandboxOrder
 
 if TYPE_CHECKING:
-    from bridge.config import Account
+    from bridge.accounts import Account
 
 Encoding = Literal["json", "form"]
 

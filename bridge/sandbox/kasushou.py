@@ -22,7 +22,7 @@ from bridge.sandbox.base import Encoding, Query, Shown, random_digits, text_fiel
 from bridge.sandbox.book import SandboxOrder
 
 if TYPE_CHECKING:
-    from bridge.config import Account
+    from bridge.accounts import Account
 
 # Every hint has non-ASCII text and a `/`, so callbacks exercise both signing escapes.
 _HINTS = {

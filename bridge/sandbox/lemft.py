@@ -17,7 +17,7 @@ from bridge.sandbox.base import Encoding, Query, Shown, random_digits, random_to
 from bridge.sandbox.book import SandboxOrder
 
 if TYPE_CHECKING:
-    from bridge.config import Account
+    from bridge.accounts import Account
 
 # order_info fields that an order's own fields may override.
 _INFO_FIELDS = (

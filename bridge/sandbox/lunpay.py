@@ -19,7 +19,7 @@ from bridge.sandbox.base import Encoding, Query, Shown, random_digits, text_fiel
 from bridge.sandbox.book import SandboxOrder
 
 if TYPE_CHECKING:
-    from bridge.config import Account
+    from bridge.accounts import Account
 
 _REQUEST_FIELDS = ("account_id", "merchant_id", "order_no", "sign")
 

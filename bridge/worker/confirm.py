@@ -7,7 +7,8 @@ import logging
 import random
 import time
 
-from bridge.config import Account, WorkerSettings
+from bridge.accounts import Account
+from bridge.config import WorkerSettings
 from bridge.errors import ProviderError
 from bridge.orders import OrderSnapshot
 from bridge.worker.gateway import Gateways

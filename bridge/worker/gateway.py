@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable, Sequence
 import httpx
 
 from bridge import providers
-from bridge.config import Account
+from bridge.accounts import Account
 from bridge.errors import OrderNotFound
 from bridge.metrics import Metrics
 from bridge.orders import OrderSnapshot

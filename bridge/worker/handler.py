@@ -16,10 +16,12 @@ from dataclasses import dataclass
 
 from aiokafka.errors import KafkaError, MessageSizeTooLargeError
 
-from bridge.config import Account, Config
+from bridge.accounts import Account
+from bridge.clock import iso, utc_now
+from bridge.config import Config
 from bridge.deadletter import Reason, dead_letter
 from bridge.errors import OrderNotFound, ProviderError, UnknownAccount
-from bridge.events import StatusEvent, Trigger, iso, utc_now
+from bridge.events import StatusEvent, Trigger
 from bridge.inbox import InboxRecord
 from bridge.kafka import Producer
 from bridge.metrics import Metrics

@@ -4,6 +4,7 @@ without importing each other."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,3 +56,12 @@ class Account:
     # 32 bytes in base64: card numbers and passwords in events are sealed with it for
     # consumers (bridge/sealing.py) rather than masked.
     card_key: Secret | None = None
+    # An http:// base_url is refused for a host that is not loopback unless this is
+    # set: lemft's key travels in the request body, and no provider signs its answers.
+    allow_insecure_http: bool = False
+
+    def secrets(self) -> list[str]:
+        """The values of every `Secret` the account holds, its provider settings' included."""
+        holders = [self, self.settings] if dataclasses.is_dataclass(self.settings) else [self]
+        values = [getattr(h, f.name) for h in holders for f in dataclasses.fields(h)]
+        return [v.reveal() for v in values if isinstance(v, Secret) and v.reveal()]

@@ -3,17 +3,19 @@
 Every section is a frozen dataclass; `build()` turns a TOML table into one, so
 adding a setting is adding a field. Any string value may be `env:NAME` or
 `file:PATH`. Problems raise `ConfigError` naming the key; values of `Secret`
-fields never appear in messages or reprs.
+fields, and any value read through a reference, never appear in messages or reprs.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import re
 import tomllib
 import types
 import typing
+import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +42,9 @@ class KafkaSettings:
     partitions: int = 12
     # Used with `partitions` when the bridge creates topics: 1 for a single-broker cluster.
     replication_factor: int = 3
+    # `min.insync.replicas` of topics the bridge creates; by default 2 when
+    # replication_factor >= 3, else 1. With acks=all, a write is acked by this many.
+    min_insync_replicas: int | None = None
     enable_idempotence: bool = True
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
     sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
@@ -58,6 +63,11 @@ class HttpSettings:
     inbox_timeout: float = 5.0
     # The Retry-After of a 503, in seconds.
     retry_after: int = 5
+    # Slow clients are cut off: seconds to send the request's headers, to send its
+    # body, and an idle keep-alive connection's life.
+    header_timeout: float = 10.0
+    body_timeout: float = 10.0
+    idle_timeout: float = 5.0
 
 
 @dataclass(frozen=True)
@@ -79,6 +89,15 @@ class WorkerSettings:
     # On SIGTERM or a rebalance: seconds in-flight hints get to finish before they are
     # handed back (another worker, or this one after restart, does them again).
     drain_timeout: float = 10.0
+    # Circuit breaker per account: after this many failed queries in a row, queries to
+    # the account stop for `breaker_cooldown` seconds, then one is tried.
+    breaker_failures: int = 5
+    breaker_cooldown: float = 30.0
+    # Hints per account and minute whose callback carried no verified signature that
+    # get a query of their own; past it they wait for the order's poll (flood guard).
+    unverified_hints_per_minute: int = 600
+    # Seconds a partition's hints may wait for its state before /readyz reports it stalled.
+    stall_after: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -141,18 +160,20 @@ def parse_config(data: Mapping[str, Any], env: Mapping[str, str] | None = None) 
     if not isinstance(accounts, list):
         raise ConfigError("accounts", "must be an array of tables: [[accounts]]")
     parsed = tuple(_parse_account(table, f"accounts[{i}]", env) for i, table in enumerate(accounts))
-    seen: set[str] = set()
     for i, account in enumerate(parsed):
-        if account.name in seen:
-            raise ConfigError(f"accounts[{i}].name", f"{account.name!r} is used twice")
-        seen.add(account.name)
-    return Config(
+        for j, earlier in enumerate(parsed[:i]):
+            if account.name == earlier.name:
+                raise ConfigError(f"accounts[{i}].name", f"is used twice (accounts[{j}].name)")
+    config = Config(
         kafka=build(KafkaSettings, _table(data, "kafka"), "kafka", env),
         http=build(HttpSettings, _table(data, "http"), "http", env),
         worker=build(WorkerSettings, _table(data, "worker"), "worker", env),
         polling=build(PollSettings, _table(data, "polling"), "polling", env),
         accounts=parsed,
     )
+    if not parsed:
+        raise ConfigError("accounts", "none configured: add an [[accounts]] table for each account")
+    return config
 
 
 def _parse_account(table: Any, path: str, env: Mapping[str, str]) -> Account:
@@ -169,8 +190,17 @@ def _parse_account(table: Any, path: str, env: Mapping[str, str]) -> Account:
     account = build(Account, {**own, "settings": settings}, path, env)
     if not ACCOUNT_NAME.fullmatch(account.name):
         raise ConfigError(f"{path}.name", "use only a-z, 0-9 and '-'")
-    if not account.base_url.startswith(("http://", "https://")):
-        raise ConfigError(f"{path}.base_url", "must start with http:// or https://")
+    host = _host(account.base_url)
+    if not account.base_url.startswith(("http://", "https://")) or not host:
+        raise ConfigError(f"{path}.base_url", "must be a URL starting with http:// or https://")
+    insecure = account.base_url.startswith("http://") and not _is_loopback(host)
+    if insecure and not account.allow_insecure_http:
+        raise ConfigError(
+            f"{path}.base_url",
+            "http:// to a host that is not loopback sends the credentials unencrypted "
+            "and trusts unsigned answers: use https://, or set allow_insecure_http = true "
+            "in this account",
+        )
     if account.card_key is not None:
         try:
             card_cipher(account.card_key)
@@ -199,17 +229,20 @@ def build(cls: type[T], table: Mapping[str, Any], path: str, env: Mapping[str, s
 
 
 def _coerce(value: Any, hint: Any, key: str, env: Mapping[str, str]) -> Any:
-    coerced = _coerce_type(value, hint, key, env)
+    reference = value if isinstance(value, str) and value.startswith(("env:", "file:")) else None
+    if reference is not None:
+        value = _resolve_reference(reference, key, env)
+    coerced = _coerce_type(value, hint, key, env, reference)
     if isinstance(coerced, int | float) and not isinstance(coerced, bool):
         name = key.rsplit(".", 1)[-1]
         if coerced < 0 or (coerced == 0 and name not in _ZERO_ALLOWED):
-            raise ConfigError(key, f"must be greater than 0, got {coerced!r}")
+            raise ConfigError(key, f"must be greater than 0{_shown(coerced, hint, reference)}")
     return coerced
 
 
-def _coerce_type(value: Any, hint: Any, key: str, env: Mapping[str, str]) -> Any:
-    if isinstance(value, str):
-        value = _resolve_reference(value, key, env)
+def _coerce_type(
+    value: Any, hint: Any, key: str, env: Mapping[str, str], reference: str | None
+) -> Any:
     options = typing.get_args(hint) if _is_union(hint) else (hint,)
     if value is None and type(None) in options:
         return None
@@ -221,6 +254,8 @@ def _coerce_type(value: Any, hint: Any, key: str, env: Mapping[str, str]) -> Any
                 return value
             continue
         if option is Secret and isinstance(value, str):
+            if not value:
+                raise ConfigError(key, "is empty: a secret is needed")
             return Secret(value)
         if option is Any:
             return value
@@ -229,29 +264,52 @@ def _coerce_type(value: Any, hint: Any, key: str, env: Mapping[str, str]) -> Any
             return tuple(_coerce(v, item, f"{key}[{i}]", env) for i, v in enumerate(value))
         if option is float and isinstance(value, int | float) and not isinstance(value, bool):
             return float(value)
-        if option is int and isinstance(value, str) and value.strip().isdigit():
-            # Numeric ids often come from the environment, where everything is text.
+        if option is int and reference is not None and value.strip().isdigit():
+            # What env: and file: give is text, and numeric ids (lemft's app_id) often
+            # live there with the secrets: whole numbers are read from it. Written in the
+            # file itself, "18181" is a mistake in the type, and is refused.
             return int(value)
         if isinstance(option, type) and isinstance(value, option):
             if isinstance(value, bool) and option is not bool:
                 continue
             return value
-    raise ConfigError(key, f"expected {_describe(hint)}{_shown(value, hint)}")
+    raise ConfigError(key, f"expected {_describe(hint)}{_shown(value, hint, reference)}")
 
 
 def _resolve_reference(value: str, key: str, env: Mapping[str, str]) -> str:
+    # An empty value is refused: a variable exported empty, or an empty file, is a
+    # secret that failed to arrive, not a setting.
     if value.startswith("env:"):
         name = value[4:]
         if name not in env:
             raise ConfigError(key, f"environment variable {name} is not set")
+        if not env[name]:
+            raise ConfigError(key, f"environment variable {name} is empty")
         return env[name]
-    if value.startswith("file:"):
-        file = Path(value[5:])
-        try:
-            return file.read_text(encoding="utf-8").removesuffix("\n").removesuffix("\r")
-        except OSError as exc:
-            raise ConfigError(key, f"cannot read {file}: {exc.strerror}") from None
-    return value
+    file = Path(value[5:])
+    try:
+        text = file.read_text(encoding="utf-8").removesuffix("\n").removesuffix("\r")
+    except OSError as exc:
+        raise ConfigError(key, f"cannot read {file}: {exc.strerror}") from None
+    if not text:
+        raise ConfigError(key, f"{file} is empty")
+    return text
+
+
+def _host(url: str) -> str | None:
+    try:
+        return urllib.parse.urlsplit(url).hostname
+    except ValueError:  # a malformed [IPv6] part
+        return None
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _is_union(hint: Any) -> bool:
@@ -272,9 +330,13 @@ def _describe(hint: Any) -> str:
     )
 
 
-def _shown(value: Any, hint: Any) -> str:
-    secret = Secret in (typing.get_args(hint) if _is_union(hint) else (hint,))
-    return "" if secret else f", got {value!r}"
+def _shown(value: Any, hint: Any, reference: str | None) -> str:
+    """What a message may say of a value: never a secret, nor what a reference holds."""
+    if reference is not None:
+        return f", got the value of {reference} (not shown)"
+    if Secret in (typing.get_args(hint) if _is_union(hint) else (hint,)):
+        return ""
+    return f", got {value!r}"
 
 
 def _reject_unknown(table: Mapping[str, Any], known: typing.Iterable[str], path: str) -> None:

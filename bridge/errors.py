@@ -21,7 +21,8 @@
             └── OrderNotFound           the provider does not know the order
 
 Every error carries what an operator needs to act (provider, account, order id)
-and never a secret: messages are built from names and provider messages only.
+and never a secret: messages are built from names and provider messages only,
+and `bridge.query` masks the account's secrets in what a provider echoes back.
 A retry loop asks `error.transient` rather than matching on types.
 """
 

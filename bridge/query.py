@@ -9,19 +9,49 @@ import httpx
 
 from bridge import providers
 from bridge.accounts import Account
-from bridge.errors import InvalidAnswer, OrderNotFound, ProviderUnavailable
+from bridge.errors import InvalidAnswer, OrderNotFound, ProviderError, ProviderUnavailable
 from bridge.orders import OrderSnapshot
 from bridge.providers.base import ProviderResponse
 
 # An order-detail answer larger than this is refused: 20 orders with their cards fit
 # in a small fraction of it.
 MAX_ANSWER_BYTES = 4 * 1024 * 1024
+# The shortest start of a secret that is masked where a provider message was cut short.
+_MIN_SECRET_TAIL = 4
 
 
 async def query_orders(
     http: httpx.AsyncClient, account: Account, order_ids: Sequence[str]
 ) -> list[OrderSnapshot]:
     """The orders the provider confirms, of `order_ids` (at most the provider's `max_batch`)."""
+    try:
+        return await _query_orders(http, account, order_ids)
+    except ProviderError as exc:
+        scrubbed = _scrubbed(exc, account)
+        if scrubbed is exc:
+            raise
+        raise scrubbed from None
+
+
+def _scrubbed(error: ProviderError, account: Account) -> ProviderError:
+    """`error` without the account's secrets: a provider may echo what it was sent (lemft's
+    key travels in the body), and its text goes on to logs and dead letters."""
+    problem = error.problem
+    for secret in account.secrets():
+        problem = problem.replace(secret, "******")
+        # Adapters cut a provider's message to a length, which can leave a secret's start.
+        for n in range(len(secret) - 1, _MIN_SECRET_TAIL - 1, -1):
+            if problem.endswith(secret[:n]):
+                problem = problem[:-n] + "******"
+                break
+    if problem == error.problem:
+        return error
+    return type(error)(error.provider, error.account, error.order_ids, problem)
+
+
+async def _query_orders(
+    http: httpx.AsyncClient, account: Account, order_ids: Sequence[str]
+) -> list[OrderSnapshot]:
     provider = providers.get(account.provider)
     request = provider.build_query(account, order_ids)
 

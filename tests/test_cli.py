@@ -152,6 +152,31 @@ async def test_missing_secret_stops_with_the_key(tmp_path: Path) -> None:
     )
 
 
+async def test_a_config_without_accounts_stops_with_the_key(tmp_path: Path) -> None:
+    config = tmp_path / "bridge.toml"
+    config.write_text('[kafka]\nbootstrap_servers = "127.0.0.1:9"\n')
+    code, _, err = await order_bridge("query", "lemft", "l", "1", "--config", str(config))
+    assert code == 2
+    assert err == (
+        "order-bridge: config: accounts: none configured: "
+        "add an [[accounts]] table for each account\n"
+    )
+
+
+async def test_a_secret_in_the_wrong_place_is_not_printed(tmp_path: Path) -> None:
+    config = tmp_path / "bridge.toml"
+    config.write_text(
+        '[[accounts]]\nname = "l"\nprovider = "lemft"\nbase_url = "https://lemft.example"\n'
+        'customer_id = 1\napp_id = "env:LEMFT_KEY"\nkey = "env:LEMFT_KEY"\n'
+    )
+    code, _, err = await order_bridge("query", "lemft", "l", "1", "--config", str(config), env=ENV)
+    assert code == 2
+    assert err == (
+        "order-bridge: config: accounts[0].app_id: expected an integer, "
+        "got the value of env:LEMFT_KEY (not shown)\n"
+    )
+
+
 def assert_no_secret(text: str) -> None:
     for secret in SECRETS:
         assert secret not in text

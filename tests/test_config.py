@@ -119,6 +119,7 @@ def test_polling_and_worker_sections() -> None:
         {
             "worker": {"group_id": "g", "max_in_flight": 10},
             "polling": {"intervals": [1, 2.5], "max_age": 60, "not_found_retries": 0},
+            "accounts": [LEMFT],
         }
     )
     assert config.worker.group_id == "g"
@@ -127,9 +128,9 @@ def test_polling_and_worker_sections() -> None:
     assert config.polling.not_found_retries == 0
 
 
-def test_defaults_with_an_empty_file() -> None:
-    config = parse_config({})
-    assert config == Config()
+def test_defaults_with_only_an_account() -> None:
+    config = parse_config({"accounts": [LEMFT]})
+    assert config == Config(accounts=config.accounts)
     assert config.kafka.enable_idempotence is True
     assert config.kafka.partitions == 12
 
@@ -206,3 +207,108 @@ def test_no_config_given(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("ORDER_BRIDGE_CONFIG", raising=False)
     with pytest.raises(ConfigError, match="ORDER_BRIDGE_CONFIG"):
         load_config(None)
+
+
+@pytest.mark.parametrize(
+    ("data", "env", "message"),
+    [
+        (
+            {"accounts": [{**LEMFT, "app_id": "env:LEMFT_KEY"}]},
+            {"LEMFT_KEY": "k-s3cret"},
+            "config: accounts[0].app_id: expected an integer, "
+            "got the value of env:LEMFT_KEY (not shown)",
+        ),
+        (
+            {"kafka": {"sasl_mechanism": "env:MECH"}, "accounts": [LEMFT]},
+            {"MECH": "k-s3cret"},
+            "config: kafka.sasl_mechanism: expected one of 'PLAIN', 'SCRAM-SHA-256', "
+            "'SCRAM-SHA-512', got the value of env:MECH (not shown)",
+        ),
+        (
+            {"accounts": [{**LEMFT, "customer_id": "env:CUSTOMER"}]},
+            {"CUSTOMER": "0"},
+            "config: accounts[0].customer_id: must be greater than 0, "
+            "got the value of env:CUSTOMER (not shown)",
+        ),
+        (
+            {"accounts": [{**LEMFT, "key": "env:LEMFT_KEY"}]},
+            {"LEMFT_KEY": ""},
+            "config: accounts[0].key: environment variable LEMFT_KEY is empty",
+        ),
+        (
+            {"accounts": [{**LEMFT, "key": ""}]},
+            {},
+            "config: accounts[0].key: is empty: a secret is needed",
+        ),
+        (
+            {"http": {"port": "18181"}, "accounts": [LEMFT]},
+            {},
+            "config: http.port: expected an integer, got '18181'",
+        ),
+        (
+            {"kafka": {"partitions": 24}},
+            {},
+            "config: accounts: none configured: add an [[accounts]] table for each account",
+        ),
+    ],
+)
+def test_config_messages(data: dict[str, object], env: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_config(data, env=env)
+    assert str(caught.value) == message
+
+
+def test_file_reference_is_never_shown(tmp_path: Path) -> None:
+    secret = tmp_path / "secret"
+    secret.write_text("k-s3cret\n")
+    with pytest.raises(ConfigError) as caught:
+        parse_config({"accounts": [{**LEMFT, "app_id": f"file:{secret}"}]}, env={})
+    assert str(caught.value) == (
+        f"config: accounts[0].app_id: expected an integer, got the value of file:{secret} "
+        "(not shown)"
+    )
+    secret.write_text("\n")
+    with pytest.raises(ConfigError) as caught:
+        parse_config({"accounts": [{**LEMFT, "key": f"file:{secret}"}]}, env={})
+    assert str(caught.value) == f"config: accounts[0].key: {secret} is empty"
+
+
+def test_numbers_as_text_only_from_references(tmp_path: Path) -> None:
+    app_id = tmp_path / "app_id"
+    app_id.write_text("100001\n")
+    account = {**LEMFT, "customer_id": "env:CUSTOMER", "app_id": f"file:{app_id}"}
+    config = parse_config({"accounts": [account]}, env={"CUSTOMER": "10000011"})
+    settings = config.accounts[0].settings
+    assert (settings.customer_id, settings.app_id) == (10000011, 100001)
+    with pytest.raises(ConfigError) as caught:
+        parse_config({"accounts": [{**LEMFT, "customer_id": "10000011"}]}, env={})
+    assert (
+        str(caught.value) == "config: accounts[0].customer_id: expected an integer, got '10000011'"
+    )
+
+
+INSECURE = (
+    "http:// to a host that is not loopback sends the credentials unencrypted and trusts "
+    "unsigned answers: use https://, or set allow_insecure_http = true in this account"
+)
+
+
+def test_plain_http_only_to_loopback_unless_allowed() -> None:
+    for url in ("http://api.lemft.example", "http://10.0.0.5:8080", "http://127.0.0.1.nip.io"):
+        with pytest.raises(ConfigError) as caught:
+            parse_config({"accounts": [{**LEMFT, "base_url": url}]}, env={})
+        assert str(caught.value) == f"config: accounts[0].base_url: {INSECURE}"
+    accepted = [
+        {**LEMFT, "base_url": url}
+        for url in (
+            "http://127.0.0.1:8080/lemft",
+            "http://127.8.9.10",
+            "http://[::1]:8080",
+            "http://localhost:8080",
+            "http://LocalHost",
+            "https://api.lemft.example",
+        )
+    ]
+    accepted.append({**LEMFT, "base_url": "http://api.lemft.example", "allow_insecure_http": True})
+    for account in accepted:
+        assert parse_config({"accounts": [account]}, env={}).accounts[0].base_url

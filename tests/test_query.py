@@ -10,6 +10,7 @@ from decimal import Decimal
 from typing import Any
 
 import httpx
+import orjson
 import pytest
 
 from bridge.accounts import Account, Secret
@@ -184,6 +185,48 @@ async def test_an_answer_must_end_in_time_and_within_a_size(
         with pytest.raises(error, match=problem) as caught:
             await query_order(http, account, "LP-1")
     assert caught.value.transient is True
+
+
+def json_answer(body: object) -> Answer:
+    async def answer(writer: asyncio.StreamWriter) -> None:
+        content = orjson.dumps(body)
+        head = (
+            f"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {len(content)}"
+        )
+        writer.write(head.encode() + b"\r\nconnection: close\r\n\r\n" + content)
+        await writer.drain()
+
+    return answer
+
+
+# Each provider's error envelope, around a message of the provider's choosing.
+ERROR_ENVELOPES = {
+    "lemft": lambda text: {"code": 1001, "message": text},
+    "lunpay": lambda text: {"code": 403, "msg": text},
+    "kasushou": lambda text: {"code": 400, "msg": text},
+}
+CARD_KEY = "Y2FyZC1rZXktZm9yLXRoZS1zY3J1YmJpbmctdGVzdCE="
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+async def test_provider_errors_never_echo_the_accounts_secrets(provider: str) -> None:
+    base = dataclasses.replace(make_accounts()[provider], card_key=Secret(CARD_KEY))
+    (own,) = [s for s in base.secrets() if s != CARD_KEY]
+    code = ERROR_ENVELOPES[provider]("")["code"]
+    # An echo of what was sent, and one the adapter cuts off inside the secret.
+    cases = {
+        f"bad credentials {own} (card key {CARD_KEY})": "bad credentials ****** (card key ******)",
+        "x" * 190 + own: "x" * 190 + "******",
+    }
+    for text, shown in cases.items():
+        async with raw_provider(json_answer(ERROR_ENVELOPES[provider](text))) as url:
+            account = dataclasses.replace(base, base_url=url)
+            async with httpx.AsyncClient() as http:
+                with pytest.raises(ProviderRejected) as caught:
+                    await query_order(http, account, "ORD-1")
+        assert str(caught.value) == f"{provider}/{account.name} order ORD-1: code {code}: {shown}"
+        assert_no_secret(caught.value)
+        assert CARD_KEY not in f"{caught.value!r} {vars(caught.value)}"
 
 
 def assert_no_secret(error: Exception) -> None:

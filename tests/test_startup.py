@@ -56,7 +56,11 @@ async def test_topics_whose_partitions_differ_stop_the_bridge(
 
 async def test_serve_without_kafka_stops_with_one_line(tmp_path: Path) -> None:
     config = tmp_path / "bridge.toml"
-    config.write_text('[kafka]\nbootstrap_servers = "127.0.0.1:9"\n')
+    config.write_text(
+        '[kafka]\nbootstrap_servers = "127.0.0.1:9"\n'
+        '[[accounts]]\nname = "l"\nprovider = "lunpay"\nbase_url = "http://127.0.0.1:9"\n'
+        'merchant_id = "M"\naccount_id = "A"\nsecret = "s"\n'
+    )
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "bridge", "serve", "--config", str(config),
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,

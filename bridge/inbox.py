@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, ClassVar
 
 import orjson
 
 from bridge.events import TRIGGERS, Trigger
 from bridge.orders import order_key
+from bridge.redact import shown
 
 # Request headers kept with a callback: enough to trace it, nothing that authenticates.
 KEPT_HEADERS = ("content-type", "user-agent", "x-forwarded-for", "x-real-ip", "x-request-id")
@@ -17,6 +18,13 @@ KEPT_HEADERS = ("content-type", "user-agent", "x-forwarded-for", "x-real-ip", "x
 
 @dataclass(frozen=True)
 class InboxRecord:
+    """Written with `version`; read by workers of older and newer versions alike.
+
+    A version only ever adds fields with defaults: a reader ignores the fields it does
+    not know and takes a missing or null optional field as its default, so receivers
+    and workers can be upgraded one at a time.
+    """
+
     provider: str
     account: str
     order_id: str
@@ -30,27 +38,49 @@ class InboxRecord:
     claimed_status: str | None = None
     signature_rule: str | None = None
 
+    VERSION: ClassVar[int] = 1
+
     @property
     def key(self) -> str:
         return order_key(self.provider, self.account, self.order_id)
 
     def to_json(self) -> dict[str, Any]:
-        return {"version": 1, **asdict(self), "headers": dict(self.headers)}
+        return {"version": self.VERSION, **asdict(self), "headers": dict(self.headers)}
 
     def encode(self) -> bytes:
         return orjson.dumps(self.to_json())
 
     @classmethod
     def decode(cls, value: bytes) -> InboxRecord:
-        """The record in `value`; ValueError when it is not one."""
+        """The record in `value`, of any version; ValueError when it is not one."""
         try:
             data = orjson.loads(value)
-            data.pop("version", None)
-            record = cls(**data)
-        except (orjson.JSONDecodeError, TypeError, AttributeError) as exc:
+        except orjson.JSONDecodeError as exc:
             raise ValueError(f"not an inbox record: {exc}") from None
-        if record.trigger not in TRIGGERS or not all(
-            isinstance(v, str) and v for v in (record.provider, record.account, record.order_id)
-        ):
-            raise ValueError("not an inbox record: missing provider, account, order or trigger")
-        return record
+        known = {f.name for f in fields(cls)}
+        given = (
+            {k: v for k, v in data.items() if k in known and v is not None}
+            if isinstance(data, dict)
+            else {}
+        )
+        problem = _problem(given)
+        if problem:
+            raise ValueError(f"not an inbox record: {problem}")
+        return cls(**given)
+
+
+def _problem(given: dict[str, Any]) -> str | None:
+    if not all(isinstance(given.get(name), str) and given[name] for name in _REQUIRED):
+        return f"missing one of {', '.join(_REQUIRED)}"
+    if given["trigger"] not in TRIGGERS:
+        return f"unknown trigger '{shown(given['trigger'])}'"
+    for name in ("content_type", "body", "claimed_status", "signature_rule"):
+        if not isinstance(given.get(name, ""), str):
+            return f"{name} is not text"
+    headers = given.get("headers", {})
+    if not isinstance(headers, dict) or not all(isinstance(v, str) for v in headers.values()):
+        return "headers are not text"
+    return None
+
+
+_REQUIRED = ("provider", "account", "order_id", "trigger", "received_at")

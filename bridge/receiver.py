@@ -4,19 +4,21 @@ A callback is answered 200 only once its hint is acked in the inbox topic; when
 Kafka can't take it the answer is 503 with Retry-After, so the provider retries.
 Bodies that can never be accepted are answered 4xx and kept, masked, in the
 dead-letter topic. Logs name providers, accounts and orders, never a body or a
-header value.
+header value; whatever came from the client goes through `redact.shown` first.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
 from aiokafka.errors import KafkaError
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
@@ -37,10 +39,20 @@ from bridge.inbox import KEPT_HEADERS, InboxRecord
 from bridge.kafka import Producer
 from bridge.metrics import Metrics
 from bridge.providers.base import Provider, callback_ack
+from bridge.redact import shown
 
 log = logging.getLogger(__name__)
 
-Ready = Callable[[], Awaitable[list[str]]]
+
+@dataclass(frozen=True)
+class Readiness:
+    # What keeps the bridge from doing its job: /readyz answers 503.
+    problems: list[str]
+    # What slows it down without failing anything (an open circuit breaker): still 200.
+    degraded: list[str]
+
+
+Ready = Callable[[], Awaitable[Readiness]]
 
 METRICS_TYPE = "text/plain; version=0.0.4"
 MAX_ORDER_ID = 128
@@ -63,8 +75,24 @@ def create_app(config: Config, producer: Producer, metrics: Metrics, ready: Read
             Route("/healthz", healthz, methods=["GET"]),
             Route("/readyz", receiver.readyz, methods=["GET"]),
             Route("/metrics", receiver.metrics_text, methods=["GET"]),
-        ]
+        ],
+        exception_handlers={BodyTimeout: body_timed_out, ClientDisconnect: client_went_away},
     )
+
+
+class BodyTimeout(Exception):
+    """The client did not send the whole request body in time."""
+
+
+async def body_timed_out(request: Request, exc: Exception) -> Response:
+    log.warning("%s %s: body not received in time: 408", request.method, _shown(request))
+    # What is left of the body is not read: the connection closes instead.
+    return PlainTextResponse("request body not received in time\n", 408, {"connection": "close"})
+
+
+async def client_went_away(request: Request, exc: Exception) -> Response:
+    log.warning("%s %s: the client left before its body ended", request.method, _shown(request))
+    return Response(status_code=400)  # nobody is left to read it
 
 
 class Receiver:
@@ -86,12 +114,15 @@ class Receiver:
             log.warning("callback refused: unknown provider or account in %s", _shown(request))
             return PlainTextResponse(f"unknown {'account' if known else 'provider'}\n", 404)
 
-        body = await read_body(request, self.config.http.max_body_bytes)
+        body = await self._read_body(request)
         try:
             if body is None:
                 limit = self.config.http.max_body_bytes
                 raise CallbackTooLarge(provider.name, account.name, _too_large(request, limit))
             hint = provider.parse_callback(account, body, dict(request.headers))
+            problem = order_id_problem(hint.order_id)
+            if problem:
+                raise MalformedCallback(provider.name, account.name, problem)
         except CallbackRejected as exc:
             return await self._reject(exc, body)
 
@@ -112,16 +143,16 @@ class Receiver:
             return PlainTextResponse(UNAVAILABLE + "\n", 503, self._retry_later())
         self._count_callback(provider.name, account.name, "accepted")
         log.info(
-            "callback accepted: %s/%s order %r (signature: %s)",
+            "callback accepted: %s/%s order %s (signature: %s)",
             provider.name,
             account.name,
-            hint.order_id,
+            shown(hint.order_id),
             hint.signature_rule or "none",
         )
         return PlainTextResponse(callback_ack(account, provider))
 
     async def watch(self, request: Request) -> Response:
-        body = await read_body(request, self.config.http.max_body_bytes)
+        body = await self._read_body(request)
         if body is None:
             return self._watch_refused(413, "body too large", close=True)
         try:
@@ -150,17 +181,24 @@ class Receiver:
             self.metrics.inc("order_bridge_watch_requests_total", outcome="unavailable")
             return JSONResponse({"error": UNAVAILABLE}, 503, self._retry_later())
         self.metrics.inc("order_bridge_watch_requests_total", outcome="accepted")
-        log.info("watch accepted: %s/%s order %r", provider.name, account.name, record.order_id)
+        log.info(
+            "watch accepted: %s/%s order %s", provider.name, account.name, shown(record.order_id)
+        )
         return JSONResponse({"status": "accepted", "key": record.key}, 202)
 
     async def readyz(self, request: Request) -> Response:
-        problems = await self.ready()
-        if problems:
-            return JSONResponse({"ready": False, "problems": problems}, 503)
-        return JSONResponse({"ready": True})
+        readiness = await self.ready()
+        if readiness.problems:
+            answer = {"ready": False, "problems": readiness.problems}
+            return JSONResponse({**answer, "degraded": readiness.degraded}, 503)
+        return JSONResponse({"ready": True, "degraded": readiness.degraded})
 
     async def metrics_text(self, request: Request) -> Response:
         return Response(self.metrics.render(), media_type=METRICS_TYPE)
+
+    async def _read_body(self, request: Request) -> bytes | None:
+        http = self.config.http
+        return await read_body(request, http.max_body_bytes, http.body_timeout)
 
     def _find(self, provider_name: str, account_name: str) -> tuple[Provider, Account]:
         if provider_name not in providers.names():
@@ -184,7 +222,7 @@ class Receiver:
             self.metrics.inc("order_bridge_inbox_writes_total", outcome="ok")
             return True
         self.metrics.inc("order_bridge_inbox_writes_total", outcome=outcome)
-        log.warning("inbox write for %r failed (%s): answering 503", record.key, problem)
+        log.warning("inbox write for %s failed (%s): answering 503", shown(record.key), problem)
         return False
 
     async def _reject(self, exc: CallbackRejected, body: bytes | None) -> Response:
@@ -241,18 +279,26 @@ async def healthz(request: Request) -> Response:
     return PlainTextResponse("ok")
 
 
-async def read_body(request: Request, limit: int) -> bytes | None:
-    """The request body; `None` when it is over `limit` bytes, with reading stopped there."""
+async def read_body(request: Request, limit: int, timeout: float) -> bytes | None:
+    """The request body; `None` when it is over `limit` bytes, with reading stopped there.
+
+    Raises BodyTimeout when it has not all come within `timeout` seconds, and
+    ClientDisconnect when the client goes away first.
+    """
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         return None
     chunks = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            return None
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(timeout):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    return None
+                chunks.append(chunk)
+    except TimeoutError:
+        raise BodyTimeout from None
     return b"".join(chunks)
 
 
@@ -263,19 +309,27 @@ def _too_large(request: Request, limit: int) -> str:
     return f"body is over the limit of {limit} bytes (reading stopped there)"
 
 
+def order_id_problem(order_id: str) -> str | None:
+    """Why `order_id` can't name an order, or `None`: the one rule for callbacks and watches.
+
+    kasushou queries join order ids with commas: one such id would spoil a batch. Ids go
+    into Kafka keys and log lines, so nothing invisible (control, format or separator
+    characters, such as bidi marks) gets in either.
+    """
+    if len(order_id) > MAX_ORDER_ID:
+        return f"order_id is longer than {MAX_ORDER_ID} characters"
+    if "," in order_id or " " in order_id or not order_id.isprintable():
+        return "order_id must not hold commas, spaces or control characters"
+    return None
+
+
 def _watch_problem(data: Any) -> str | None:
     if not isinstance(data, dict):
         return "body must be a JSON object"
     for name in ("provider", "account", "order_id"):
         if not isinstance(data.get(name), str) or not data[name].strip():
             return f"{name} must be a non-empty string"
-    order_id = data["order_id"].strip()
-    if len(order_id) > MAX_ORDER_ID:
-        return f"order_id is longer than {MAX_ORDER_ID} characters"
-    if any(c == "," or c.isspace() or not c.isprintable() for c in order_id):
-        # kasushou queries join order ids with commas: one such id would spoil a batch.
-        return "order_id must not hold commas, spaces or control characters"
-    return None
+    return order_id_problem(data["order_id"].strip())
 
 
 def _kept_headers(request: Request) -> dict[str, str]:
@@ -285,10 +339,10 @@ def _kept_headers(request: Request) -> dict[str, str]:
     return headers
 
 
-def _shown(request: Request, limit: int = 80) -> str:
-    """The request's path made fit for a log line: quoted, escaped and cut short."""
-    path = request.url.path
-    return repr(path[:limit] + ("..." if len(path) > limit else ""))
+def _shown(request: Request) -> str:
+    """The request's path made fit for a log line."""
+    # Not request.url.path: parsing the URL drops some characters (tabs, line breaks).
+    return shown(request.scope["path"])
 
 
 def _kept_body(reason: str, body: bytes | None) -> str | None:

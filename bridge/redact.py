@@ -150,3 +150,16 @@ def _secret_leaf(name: str) -> str | None:
     """The secret field `name` stands for, in lower case; `None` when it is not one."""
     leaf = name.rsplit("[", 1)[-1].rstrip("]").strip().lower()
     return leaf if leaf in SECRET_FIELDS else None
+
+
+def shown(text: str, limit: int = 128) -> str:
+    """`text` from outside made safe for one log line: cut to `limit` characters, and
+    every character that is not printable escaped as Python writes it (`\\n`, `\\x1b`,
+    `\\u202e`, ...), so that no input can end a line, colour a terminal or turn text
+    around. Backslashes are doubled, so an escape in the line always means one here."""
+    cut = text[:limit]
+    if not cut.isprintable() or "\\" in cut:
+        cut = "".join(
+            c if c.isprintable() and c != "\\" else c.encode("unicode_escape").decode() for c in cut
+        )
+    return cut + ("..." if len(text) > limit else "")

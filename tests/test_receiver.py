@@ -21,12 +21,14 @@ import orjson
 import pytest
 
 from bridge.config import Config, HttpSettings, KafkaSettings
+from bridge.inbox import InboxRecord
 from bridge.kafka import Producer, ensure_topics
 from bridge.metrics import Metrics
-from bridge.receiver import create_app
+from bridge.receiver import Readiness, create_app
 from bridge.sandbox import SandboxOrder
 from bridge.sandbox.base import Encoding
 from bridge.servers import serve
+from tests.bridge_fixtures import RunningBridge
 from tests.conftest import CutOffBroker, RunningSandbox
 from tests.kafka import Record, read_topic
 
@@ -81,15 +83,16 @@ class RunningReceiver:
 
 @contextlib.asynccontextmanager
 async def running_receiver(
-    sandbox: RunningSandbox, settings: KafkaSettings, inbox_timeout: float = 5.0
+    sandbox: RunningSandbox, settings: KafkaSettings, inbox_timeout: float = 5.0, **http: Any
 ) -> AsyncIterator[RunningReceiver]:
+    """A receiver on the sandbox's accounts; `http` changes its HttpSettings."""
     custom = dataclasses.replace(
         sandbox.accounts["lunpay"], name=LUN_CUSTOM, callback_ack="SUCCESS-CUSTOM"
     )
     config = Config(
         kafka=settings,
         http=HttpSettings(
-            max_body_bytes=LIMIT, inbox_timeout=inbox_timeout, retry_after=RETRY_AFTER
+            max_body_bytes=LIMIT, inbox_timeout=inbox_timeout, retry_after=RETRY_AFTER, **http
         ),
         accounts=(*sandbox.accounts.values(), custom),
     )
@@ -98,13 +101,19 @@ async def running_receiver(
     await producer.start()
     problems: list[str] = []
 
-    async def ready() -> list[str]:
-        return list(problems)
+    async def ready() -> Readiness:
+        return Readiness(list(problems), [])
 
     app = create_app(config, producer, Metrics(), ready)
     try:
-        async with serve(app) as url, httpx.AsyncClient(base_url=url, timeout=20.0) as http:
-            yield RunningReceiver(url, http, config, sandbox, problems)
+        limits = config.http
+        async with (
+            serve(
+                app, header_timeout=limits.header_timeout, idle_timeout=limits.idle_timeout
+            ) as url,
+            httpx.AsyncClient(base_url=url, timeout=20.0) as client,
+        ):
+            yield RunningReceiver(url, client, config, sandbox, problems)
     finally:
         await producer.stop()
 
@@ -424,11 +433,11 @@ async def test_health_readiness_and_metrics(receiver: RunningReceiver) -> None:
     assert (health.status_code, health.text) == (200, "ok")
 
     ready = await receiver.http.get("/readyz")
-    assert (ready.status_code, ready.json()) == (200, {"ready": True})
+    assert (ready.status_code, ready.json()) == (200, {"ready": True, "degraded": []})
     receiver.problems.append("worker not running")
     ready = await receiver.http.get("/readyz")
     assert ready.status_code == 503
-    assert ready.json() == {"ready": False, "problems": ["worker not running"]}
+    assert ready.json() == {"ready": False, "problems": ["worker not running"], "degraded": []}
 
     order = receiver.order(LUN)
     assert (await receiver.callback(LUN, order)).status_code == 200
@@ -457,3 +466,52 @@ def series(name: str, value: int, **labels: str) -> str:
     """One line of the Prometheus text format."""
     inner = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
     return f"{name}{{{inner}}} {value}"
+
+
+# -- version skew ------------------------------------------------------------------------
+
+
+def future_record(provider: str, account: str, order_id: str, trigger: str) -> dict[str, Any]:
+    """An inbox record as a newer receiver might write it: fields this one does not know,
+    optional ones left out or null."""
+    return {
+        "version": 99,
+        "provider": provider,
+        "account": account,
+        "order_id": order_id,
+        "trigger": trigger,
+        "received_at": "2030-01-01T00:00:00.000Z",
+        "body": None,
+        "claimed_status": None,
+        "priority": {"lane": "express", "weight": 3},
+        "tenant": "acme",
+        "headers": {"content-type": "application/json", "x-trace": "abc"},
+    }
+
+
+def test_an_inbox_record_of_a_future_version_is_read() -> None:
+    value = orjson.dumps(future_record("lemft", LEM, "L-9", "callback"))
+    record = InboxRecord.decode(value)
+    assert (record.provider, record.account, record.order_id) == ("lemft", LEM, "L-9")
+    assert (record.trigger, record.body, record.claimed_status) == ("callback", "", None)
+    assert record.headers == {"content-type": "application/json", "x-trace": "abc"}
+    # Written back (by a replay, say) in this version's shape.
+    assert InboxRecord.decode(record.encode()) == record
+    assert orjson.loads(record.encode())["version"] == InboxRecord.VERSION
+
+
+async def test_a_newer_receivers_hint_is_confirmed_by_this_worker(bridge: RunningBridge) -> None:
+    kafka = bridge.bridge.config.kafka
+    order_id, key = bridge.create("lunpay", "succeeded")
+    record = future_record("lunpay", bridge.sandbox.accounts["lunpay"].name, order_id, "watch")
+    producer = Producer(kafka)
+    await producer.start()
+    try:
+        await producer.send(kafka.inbox_topic, key, orjson.dumps(record), timeout=10)
+    finally:
+        await producer.stop()
+
+    [event] = await bridge.events_for(key, 1)
+    assert event.value["status"] == "succeeded"
+    assert event.value["trigger"] == "watch"
+    assert not [r for r in bridge.deadletter.records if r.key == key]

@@ -9,7 +9,7 @@ import urllib.parse
 import pytest
 
 from bridge.accounts import Secret
-from bridge.redact import mask_secrets, mask_text
+from bridge.redact import mask_secrets, mask_text, shown
 
 
 def test_secret_hides_its_value() -> None:
@@ -127,3 +127,27 @@ def test_mask_text_stays_fast_on_hostile_input(text: str) -> None:
     started = time.perf_counter()
     mask_text(text)
     assert time.perf_counter() - started < 0.5
+
+
+@pytest.mark.parametrize(
+    ("text", "line"),
+    [
+        ("D1007-ok/订单", "D1007-ok/订单"),
+        ("L1\r\n2026-01-01 ERROR forged", "L1\\r\\n2026-01-01 ERROR forged"),
+        ("\x1b[2J\x1b[31mred\x00", "\\x1b[2J\\x1b[31mred\\x00"),
+        ("invoice\u202egnp.exe", "invoice\\u202egnp.exe"),  # right-to-left override
+        ("a\u200bb\u2028c\u2029d\u00a0e\ufeff", "a\\u200bb\\u2028c\\u2029d\\xa0e\\ufeff"),
+        ("lone \ud800", "lone \\ud800"),
+        # A backslash in the input can't pass for an escape.
+        ("C:\\n", "C:\\\\n"),
+    ],
+)
+def test_shown_escapes_what_could_forge_or_hide_a_log_line(text: str, line: str) -> None:
+    assert shown(text) == line
+    assert shown(text).isprintable()
+
+
+def test_shown_cuts_long_text() -> None:
+    assert shown("x" * 128) == "x" * 128
+    assert shown("x" * 129) == "x" * 128 + "..."
+    assert shown("\n" * 10_000, limit=4) == "\\n" * 4 + "..."

@@ -14,8 +14,6 @@ from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
-import orjson
-
 from bridge.errors import (
     CredentialsRejected,
     InvalidAnswer,
@@ -25,7 +23,7 @@ from bridge.errors import (
     UnsupportedMediaType,
 )
 from bridge.orders import CallbackHint, OrderSnapshot, ProviderStatus, Status
-from bridge.redact import MAX_NESTING, mask_secrets, mask_text, nested_deeper_than
+from bridge.redact import MAX_NESTING, mask_secrets, mask_text
 
 if TYPE_CHECKING:
     from bridge.accounts import Account
@@ -165,7 +163,8 @@ class DecodedCallback:
             masked_text = mask_text(text)
             return self.raw if masked_text == text else masked_text.encode()
         if self.encoding == "json":
-            return orjson.dumps(masked)
+            # json, as it was read: orjson can't write integers past 64 bits.
+            return json.dumps(masked, ensure_ascii=False, separators=(",", ":")).encode()
         return urllib.parse.urlencode(masked).encode()
 
 
@@ -179,22 +178,51 @@ def decode_callback(account: Account, body: bytes, headers: Mapping[str, str]) -
 
     if media_type == "application/json" or media_type.endswith("+json"):
         try:
-            fields = json.loads(body)
-        except (ValueError, UnicodeDecodeError, RecursionError):
+            # Strict UTF-8 first: json.loads would take bytes of a lone surrogate as one.
+            fields = json.loads(body.decode("utf-8"))
+        except (ValueError, RecursionError):
             raise rejected(MalformedCallback, "body is not valid JSON") from None
         if not isinstance(fields, dict):
             raise rejected(MalformedCallback, "JSON body is not an object")
-        if nested_deeper_than(fields, MAX_NESTING):
-            raise rejected(MalformedCallback, f"JSON body is nested deeper than {MAX_NESTING}")
+        problem = _json_problem(fields)
+        if problem:
+            raise rejected(MalformedCallback, f"JSON body {problem}")
         return DecodedCallback(fields, "json", content_type, body)
     if media_type == "application/x-www-form-urlencoded":
         try:
             text = body.decode("utf-8")
+            # parse_qsl decodes percent-escapes with errors="replace": never a lone surrogate.
             pairs = urllib.parse.parse_qsl(text, keep_blank_values=True, strict_parsing=bool(text))
-        except (UnicodeDecodeError, ValueError):
+        except ValueError:
             raise rejected(MalformedCallback, "body is not valid form encoding") from None
         return DecodedCallback(dict(pairs), "form", content_type, body)
     raise rejected(UnsupportedMediaType, f"content type {media_type or '(none)'!r}")
+
+
+def _json_problem(value: Any) -> str | None:
+    """What makes decoded JSON unfit for the rest of the bridge, or `None`.
+
+    Every string in a callback must be Unicode text: a `"\\ud800"` escape decodes to a
+    lone surrogate, which can be neither hashed, compared nor written out as UTF-8.
+    Nesting is bounded so that walking the payload can never exhaust the stack.
+    Found without recursion, for the same reason.
+    """
+    pending = [(value, 0)]
+    while pending:
+        item, depth = pending.pop()
+        if depth > MAX_NESTING:
+            return f"is nested deeper than {MAX_NESTING}"
+        if isinstance(item, dict):
+            pending.extend((k, depth) for k in item)
+            pending.extend((v, depth + 1) for v in item.values())
+        elif isinstance(item, list):
+            pending.extend((v, depth + 1) for v in item)
+        elif isinstance(item, str):
+            try:
+                item.encode()
+            except UnicodeEncodeError:
+                return "holds a lone surrogate: not Unicode text"
+    return None
 
 
 def hint(

@@ -30,7 +30,7 @@ from bridge.providers.base import (
     map_status,
     require_text,
 )
-from bridge.redact import mask_secrets
+from bridge.redact import mask_secrets, shown
 from bridge.sealing import hider
 
 if TYPE_CHECKING:
@@ -95,7 +95,8 @@ def verify_callback(fields: Mapping[str, Any], api_key: Secret) -> str | None:
     )
     for rule, escape_slashes in (("callback", True), ("request", False)):
         expected = sign(timestamp, php_json(signed, escape_slashes=escape_slashes), api_key)
-        if given and hmac.compare_digest(given, expected):
+        # As bytes: compare_digest refuses str with non-ASCII characters.
+        if given and hmac.compare_digest(given.encode(), expected.encode()):
             return rule
     return None
 
@@ -173,7 +174,9 @@ class Kasushou:
         rule = verify_callback(callback.fields, account.settings.api_key)
         if rule is None:
             raise BadSignature(self.name, account.name, "sign does not match", order_id)
-        log.debug("kasushou callback for %s/%s signed by the %s rule", account.name, order_id, rule)
+        log.debug(
+            "kasushou callback for %s/%s signed by the %s rule", account.name, shown(order_id), rule
+        )
         return hint(callback, order_id, signature_rule=rule)
 
 

@@ -23,6 +23,14 @@ METRICS: dict[str, tuple[Kind, str]] = {
         "Confirmed statuses older than the one published (not published)",
     ),
     "order_bridge_deadletters_total": ("counter", "Dead-letter records written, by reason"),
+    "order_bridge_hints_coalesced_total": (
+        "counter",
+        "Hints that waited for their order together and were answered by one query",
+    ),
+    "order_bridge_breaker_open": (
+        "gauge",
+        "1 while an account's circuit breaker is open or half-open, by provider, account",
+    ),
     "order_bridge_hints_in_flight": ("gauge", "Hints taken from the inbox and not finished"),
     "order_bridge_orders_known": ("gauge", "Orders whose state the worker holds"),
     "order_bridge_orders_followed": ("gauge", "Orders not final yet, with a poll scheduled"),

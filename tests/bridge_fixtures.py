@@ -37,6 +37,7 @@ FAST_WORKER = WorkerSettings(
     session_timeout=2.0,
     heartbeat_interval=0.5,
     drain_timeout=2.0,
+    breaker_cooldown=0.5,
 )
 
 

@@ -10,9 +10,10 @@ from collections.abc import AsyncIterator, Callable, Sequence
 import httpx
 import pytest
 
-from bridge.errors import OrderNotFound, ProviderUnavailable
+from bridge.errors import InvalidAnswer, OrderNotFound, ProviderRejected, ProviderUnavailable
 from bridge.metrics import Metrics
 from bridge.orders import OrderSnapshot, ProviderStatus, Status
+from bridge.sandbox import Faults
 from bridge.worker.gateway import AccountGateway, Gateways
 from tests.conftest import RunningSandbox
 
@@ -276,3 +277,59 @@ async def test_gateways_batch_real_queries_and_count_them(sandbox: RunningSandbo
     assert [len(q.order_ids) for q in sandbox.sandbox.queries] == [20, 5, 1]
     labels = {"provider": "kasushou", "account": kasushou.name}
     assert metrics.value("order_bridge_queries_total", outcome="ok", **labels) == 3
+
+
+async def test_a_refused_batch_is_split_until_the_order_at_fault_is_alone(
+    sandbox: RunningSandbox,
+) -> None:
+    box = sandbox.sandbox
+    kasushou = dataclasses.replace(sandbox.accounts["kasushou"], query_rate=1000.0)
+    ids = [box.create_order(kasushou.name).order_id for _ in range(20)]
+    metrics = Metrics()
+    async with httpx.AsyncClient() as http:
+        gateways = Gateways(http, metrics)
+        gateway = gateways.for_account(kasushou)
+
+        # A transient error is nobody's fault: the whole batch gets it, unsplit.
+        box.set_faults(kasushou.name, Faults(error_rate=1.0))
+        failed = await asyncio.gather(
+            *(gateway.query(i, urgent=False) for i in ids[:4]), return_exceptions=True
+        )
+        assert all(isinstance(f, ProviderUnavailable) for f in failed)
+        assert [len(q.order_ids) for q in box.queries] == [4]
+
+        # A refusal may be one order's: halves are asked until it is alone.
+        box.set_faults(kasushou.name, Faults(refuse_ids=(ids[13],)))
+        answers = await asyncio.gather(
+            *(gateway.query(i, urgent=False) for i in ids), return_exceptions=True
+        )
+        await gateways.aclose()
+
+    refused = answers.pop(13)
+    assert isinstance(refused, ProviderRejected)
+    assert refused.order_ids == [ids[13]]
+    assert "code 400" in str(refused)
+    assert [a.order_id for a in answers if isinstance(a, OrderSnapshot)] == ids[:13] + ids[14:]
+    split = box.queries[1:]
+    assert [len(q.order_ids) for q in split] == [20, 10, 10, 5, 2, 3, 1, 2, 1, 1, 5]
+    assert [q.outcome == "refused" for q in split] == [ids[13] in q.order_ids for q in split]
+    labels = {"provider": "kasushou", "account": kasushou.name}
+    assert metrics.value("order_bridge_queries_total", outcome="ProviderRejected", **labels) == 6
+    assert metrics.value("order_bridge_queries_total", outcome="ok", **labels) == 5
+
+
+async def test_each_order_refused_alone_gets_the_refusal(make_gateway: MakeGateway) -> None:
+    fake = FakeProvider()
+    gateway = make_gateway(fake)
+    refusal = ProviderRejected("kasushou", "ksu-test", list("ABCD"), "code 400: bad id")
+    # The whole batch, its halves, and both orders of the second half alone.
+    fake.errors += [refusal, InvalidAnswer("kasushou", "ksu-test", ["A", "B"], "garbage")]
+    fake.errors += [refusal, refusal, refusal]
+    a, b, c, d = await asyncio.gather(
+        *(gateway.query(i, urgent=False) for i in "ABCD"), return_exceptions=True
+    )
+    assert isinstance(a, InvalidAnswer)
+    assert a is b  # a transient error on a half is not split further
+    assert c is refusal
+    assert d is refusal
+    assert fake.calls == [["A", "B", "C", "D"], ["A", "B"], ["C", "D"], ["C"], ["D"]]

@@ -541,6 +541,28 @@ async def test_down_answers_503(sandbox: RunningSandbox, http: httpx.AsyncClient
     assert sandbox.sandbox.faults(LEM) == Faults(down=True)
 
 
+async def test_refuse_ids_refuses_every_query_naming_them(
+    sandbox: RunningSandbox, http: httpx.AsyncClient
+) -> None:
+    box = sandbox.sandbox
+    bad, good = (box.create_order(KSU).order_id for _ in range(2))
+    # Set through the control route, as a person trying the sandbox would.
+    set_fault = await http.post(f"{sandbox.url}/_sandbox/faults/{KSU}", json={"refuse_ids": [bad]})
+    assert set_fault.json()["refuse_ids"] == [bad]
+    assert box.faults(KSU) == Faults(refuse_ids=(bad,))
+
+    batch = await kasushou_post(http, sandbox, ordersn_body(f"{good},{bad}"))
+    alone = await kasushou_post(http, sandbox, ordersn_body(good))
+
+    # The docs' failure envelope, for the whole request.
+    assert batch.status_code == 200
+    assert batch.json() == {"code": 400, "msg": "订单号格式错误", "data": []}
+    assert [o["ordersn"] for o in alone.json()["data"]] == [good]
+    assert [q.outcome for q in box.queries] == ["refused", "ok"]
+    bad_setting = await http.post(f"{sandbox.url}/_sandbox/faults/{KSU}", json={"refuse_ids": "x"})
+    assert bad_setting.status_code == 400
+
+
 async def test_stale_rate_answers_the_previous_status(
     sandbox: RunningSandbox, http: httpx.AsyncClient
 ) -> None:

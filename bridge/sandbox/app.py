@@ -265,6 +265,9 @@ class Sandbox:
         if query.rejection is not None:
             record(query.outcome)
             return query.rejection
+        if set(query.order_ids) & set(faults.refuse_ids):
+            record("refused")
+            return provider.refusal()
         return self._answer_found(provider, query, faults, record)
 
     async def _hang(self, account_name: str, request: Request) -> bool:

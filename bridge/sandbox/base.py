@@ -69,6 +69,9 @@ class SandboxProvider(Protocol):
     def server_error(self) -> Response:
         """HTTP 500 with the provider's own error envelope."""
 
+    def refusal(self) -> Response:
+        """The provider's error envelope refusing a whole request (a permanent error)."""
+
     def callback(
         self, account: Account, order: SandboxOrder, status: int, encoding: Encoding, bad_sign: bool
     ) -> tuple[bytes, str]:

@@ -26,10 +26,17 @@ class Faults:
     down: bool = False
     # Fraction of queries answered by a lagging replica: each order's previous status.
     stale_rate: float = 0.0
+    # Order ids the provider chokes on: a query naming any of them is refused as a whole
+    # with the provider's error envelope (kasushou: code 400), the others with it too.
+    refuse_ids: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not isinstance(self.hang, bool) or not isinstance(self.down, bool):
             raise TypeError("hang and down must be true or false")
+        if isinstance(self.refuse_ids, str) or not all(isinstance(i, str) for i in self.refuse_ids):
+            raise TypeError("refuse_ids must be a list of order ids")
+        # JSON gives a list; a tuple keeps Faults hashable and comparable.
+        object.__setattr__(self, "refuse_ids", tuple(self.refuse_ids))
         if not self.latency >= 0.0:
             raise ValueError(f"latency must be >= 0, got {self.latency!r}")
         for name in ("error_rate", "stale_rate"):
@@ -91,7 +98,8 @@ class QueryRecord:
     order_ids: tuple[str, ...]
     # time.monotonic() when the request arrived.
     received_at: float
-    # ok, not_found, stale, bad_sign, unknown_account, malformed, bad_path, fault, down, hang
+    # ok, not_found, stale, bad_sign, unknown_account, malformed, bad_path, fault, down, hang,
+    # refused
     outcome: str
     # The caller's User-Agent: tells apart bridge instances querying one account.
     client: str = ""

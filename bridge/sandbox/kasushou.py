@@ -142,6 +142,9 @@ class Kasushou:
     def server_error(self) -> Response:
         return _envelope(500, "未知错误", status_code=500)
 
+    def refusal(self) -> Response:
+        return _envelope(400, "订单号格式错误")
+
     def callback(
         self, account: Account, order: SandboxOrder, status: int, encoding: Encoding, bad_sign: bool
     ) -> tuple[bytes, str]:

@@ -140,6 +140,9 @@ class Lemft:
     def server_error(self) -> Response:
         return _envelope(500, "internal server error", status_code=500)
 
+    def refusal(self) -> Response:
+        return _envelope(10002, "invalid request parameters")
+
     def callback(
         self, account: Account, order: SandboxOrder, status: int, encoding: Encoding, bad_sign: bool
     ) -> tuple[bytes, str]:

@@ -94,6 +94,9 @@ class Lunpay:
     def server_error(self) -> Response:
         return wire.json_response({"code": 500, "msg": "server error"}, 500)
 
+    def refusal(self) -> Response:
+        return _failure("invalid order_no")
+
     def callback(
         self, account: Account, order: SandboxOrder, status: int, encoding: Encoding, bad_sign: bool
     ) -> tuple[bytes, str]:

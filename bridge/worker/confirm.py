@@ -9,7 +9,7 @@ import time
 
 from bridge.accounts import Account
 from bridge.config import WorkerSettings
-from bridge.errors import ProviderError
+from bridge.errors import ProviderError, ProviderUnavailable
 from bridge.orders import OrderSnapshot
 from bridge.worker.gateway import Gateways
 
@@ -43,16 +43,28 @@ class Confirmer:
         """The order as the provider confirms it, for a hint: urgent, retried.
 
         Raises the `ProviderError` at once when it is permanent, and `Unconfirmed`
-        when transient errors outlast the retry budget.
+        when transient errors outlast the retry budget. Waiting for the account's
+        turn (its rate limit, its open circuit) fails nothing, but the budget bounds it.
         """
         s = self._settings
         deadline = time.monotonic() + s.retry_budget
         attempt = 0
+        last: ProviderError | None = None
         while True:
             attempt += 1
             try:
-                return await self.query(account, order_id, urgent=True)
+                async with asyncio.timeout(deadline - time.monotonic()):
+                    return await self.query(account, order_id, urgent=True)
+            except TimeoutError:
+                # Raised by the timeout only: query timeouts are ProviderUnavailable.
+                if last is None:
+                    waiting = self._gateways.for_account(account).circuit() or "queued"
+                    last = ProviderUnavailable(
+                        account.provider, account.name, order_id, f"not asked in time: {waiting}"
+                    )
+                raise Unconfirmed(last, attempt) from None
             except ProviderError as exc:
+                last = exc
                 if not exc.transient:
                     raise
                 delay = backoff(attempt, s.retry_initial, s.retry_max)

@@ -5,6 +5,10 @@ single dispatcher task waits for a waiting request, then a token from the
 account's bucket, then a free concurrency slot, and only then forms the batch.
 While the rate or concurrency limit binds, requests pile up and leave together
 in one query, so batching needs no timer and costs no latency when idle.
+
+Each account also has a circuit breaker (`bridge.worker.breaker`): while it is open
+the dispatcher waits before forming the next batch, so requests keep piling up and
+leave together once it lets a query through.
 """
 
 from __future__ import annotations
@@ -19,10 +23,12 @@ import httpx
 
 from bridge import providers
 from bridge.accounts import Account
-from bridge.errors import OrderNotFound
+from bridge.config import WorkerSettings
+from bridge.errors import OrderNotFound, ProviderRejected
 from bridge.metrics import Metrics
 from bridge.orders import OrderSnapshot
 from bridge.query import query_orders
+from bridge.worker.breaker import CircuitBreaker, State
 
 # One signed query for several order ids; answers the orders the provider knows.
 Send = Callable[[Sequence[str]], Awaitable[list[OrderSnapshot]]]
@@ -62,7 +68,8 @@ class AccountGateway:
 
     `rate` queries a second with bursts of `burst`, each carrying up to
     `max_batch` ids, at most `max_concurrent` at once. Urgent requests (callback,
-    watch and replay hints) go before polls.
+    watch and replay hints) go before polls. `breaker` pauses the queries while the
+    provider keeps failing (by default, one with `WorkerSettings`' defaults).
     """
 
     def __init__(
@@ -76,6 +83,7 @@ class AccountGateway:
         provider: str = "",
         account: str = "",
         name: str = "",
+        breaker: CircuitBreaker | None = None,
     ) -> None:
         if rate <= 0 or burst < 1 or max_batch < 1 or max_concurrent < 1:
             raise ValueError("rate must be > 0; burst, max_batch and max_concurrent >= 1")
@@ -86,6 +94,12 @@ class AccountGateway:
         self._provider = provider
         self._account = account
         self._name = name or f"{provider}/{account}"
+        if breaker is None:
+            defaults = WorkerSettings()
+            breaker = CircuitBreaker(
+                defaults.breaker_failures, defaults.breaker_cooldown, name=self._name
+            )
+        self._breaker = breaker
         self._urgent: deque[_Waiter] = deque()
         self._polls: deque[_Waiter] = deque()
         self._wakeup = asyncio.Event()
@@ -108,6 +122,14 @@ class AccountGateway:
         self._wakeup.set()
         # A waiter cancelled here cancels `future`; the dispatcher then skips it.
         return await future
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    def circuit(self) -> str | None:
+        """What the circuit breaker is doing, while it is not closed."""
+        return self._breaker.describe()
 
     def hurry(self, order_id: str) -> None:
         """Moves the queued polls of `order_id` to the end of the urgent queue: a hint
@@ -136,11 +158,14 @@ class AccountGateway:
                 await self._wakeup.wait()
             await self._bucket.take()
             await self._slots.acquire()
+            # Last, so that no query starts after the circuit opened while we waited.
+            await self._breaker.admit()
             batch = self._take_batch()
             if not batch:
                 # Everyone waiting gave up (cancelled) while we waited for the limits.
                 self._bucket.refund()
                 self._slots.release()
+                self._breaker.abandon()
                 continue
             task = asyncio.create_task(self._run(batch))
             self._batches.add(task)
@@ -176,12 +201,28 @@ class AccountGateway:
         return batch
 
     async def _run(self, batch: _Batch) -> None:
+        """Asks for `batch` (admitted by the breaker) and settles its waiters.
+
+        A refusal of several ids may be one order's fault (an id the provider chokes
+        on), so they are asked again in halves, each paid for like any query; only an
+        order refused on its own gets the refusal. Transient errors are nobody's
+        fault: they go to the whole batch as they are.
+        """
         try:
-            snapshots = await self._send(list(batch))
+            snapshots = await self._send_admitted(list(batch))
+        except ProviderRejected as exc:
+            if len(batch) == 1:
+                _fail(batch, exc)
+                return
+            for half in _halves(batch):
+                if _pending(half):
+                    await self._bucket.take()
+                    await self._breaker.admit()
+                    await self._run(half)
+            return
         except Exception as exc:
             # Any failure, a bug included, belongs to the waiters; the dispatcher goes on.
-            for future in _pending(batch):
-                future.set_exception(exc)
+            _fail(batch, exc)
             return
         found = {snapshot.order_id: snapshot for snapshot in snapshots}
         for order_id, futures in batch.items():
@@ -193,6 +234,19 @@ class AccountGateway:
                 else:
                     future.set_exception(self._not_found(order_id))
 
+    async def _send_admitted(self, order_ids: list[str]) -> list[OrderSnapshot]:
+        """One query the breaker let through, its outcome told to the breaker."""
+        try:
+            snapshots = await self._send(order_ids)
+        except Exception as exc:
+            self._breaker.record(exc)
+            raise
+        except BaseException:
+            self._breaker.abandon()
+            raise
+        self._breaker.record(None)
+        return snapshots
+
     def _not_found(self, order_id: str) -> OrderNotFound:
         return OrderNotFound(
             self._provider, self._account, order_id, "the provider does not know it"
@@ -203,12 +257,32 @@ def _pending(batch: _Batch) -> list[asyncio.Future[OrderSnapshot]]:
     return [future for futures in batch.values() for future in futures if not future.done()]
 
 
-class Gateways:
-    """One `AccountGateway` per account, built when the account is first queried."""
+def _fail(batch: _Batch, error: Exception) -> None:
+    for future in _pending(batch):
+        future.set_exception(error)
 
-    def __init__(self, http: httpx.AsyncClient, metrics: Metrics) -> None:
+
+def _halves(batch: _Batch) -> tuple[_Batch, _Batch]:
+    items = list(batch.items())
+    middle = len(items) // 2
+    return dict(items[:middle]), dict(items[middle:])
+
+
+class Gateways:
+    """One `AccountGateway` per account, built when the account is first queried.
+
+    `settings` gives the circuit breakers' thresholds (defaults without it).
+    """
+
+    def __init__(
+        self,
+        http: httpx.AsyncClient,
+        metrics: Metrics,
+        settings: WorkerSettings | None = None,
+    ) -> None:
         self._http = http
         self._metrics = metrics
+        self._settings = settings or WorkerSettings()
         self._gateways: dict[str, AccountGateway] = {}
 
     def for_account(self, account: Account) -> AccountGateway:
@@ -224,8 +298,18 @@ class Gateways:
                 max_concurrent=account.max_concurrent_queries,
                 provider=account.provider,
                 account=account.name,
+                breaker=self._breaker(account),
             )
         return gateway
+
+    def degraded(self) -> list[str]:
+        """One line per account whose circuit is not closed, for /readyz: the bridge
+        still works (queries wait), so this is degraded, not failing."""
+        return [
+            f"{gateway.name}: {circuit}"
+            for gateway in self._gateways.values()
+            if (circuit := gateway.circuit()) is not None
+        ]
 
     def hurry(self, account: str, order_id: str) -> None:
         """`AccountGateway.hurry` on the account's gateway, if it has one."""
@@ -236,6 +320,20 @@ class Gateways:
     async def aclose(self) -> None:
         """Closes every gateway; they stay closed, so a late query fails instead of leaking."""
         await asyncio.gather(*(gateway.aclose() for gateway in self._gateways.values()))
+
+    def _breaker(self, account: Account) -> CircuitBreaker:
+        labels = {"provider": account.provider, "account": account.name}
+
+        def show(state: State) -> None:
+            self._metrics.set("order_bridge_breaker_open", int(state != "closed"), **labels)
+
+        show("closed")
+        return CircuitBreaker(
+            self._settings.breaker_failures,
+            self._settings.breaker_cooldown,
+            name=f"{account.provider}/{account.name}",
+            on_change=show,
+        )
 
     def _sender(self, account: Account) -> Send:
         def count(outcome: str) -> None:

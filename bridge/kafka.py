@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import KafkaError
 from aiokafka.helpers import create_ssl_context
 from aiokafka.structs import ConsumerRecord, RecordMetadata
 
 from bridge.config import KafkaSettings
-from bridge.errors import StartupError
+from bridge.errors import ConfigError, StartupError
 
 log = logging.getLogger(__name__)
 
@@ -39,20 +40,24 @@ def client_options(settings: KafkaSettings) -> dict[str, Any]:
 
 
 async def ensure_topics(settings: KafkaSettings) -> None:
-    """Creates the bridge's topics when missing, and checks that their partitions line up.
+    """Creates the bridge's topics when missing, and checks that they line up.
 
     Inbox, status and state must have the same partition count: the worker that owns
-    inbox partition p finds its orders' memory in state partition p.
+    inbox partition p finds its orders' memory in state partition p. Topics created get
+    `min.insync.replicas`; a topic with fewer replicas or a lower min.insync.replicas
+    than the settings gets a warning, as acks=all on it survives fewer broker losses.
     """
+    min_insync = _min_insync_replicas(settings)
     admin = AIOKafkaAdminClient(**client_options(settings), request_timeout_ms=10_000)
     try:
         await admin.start()
         existing = set(await admin.list_topics())
+        durable = {"min.insync.replicas": str(min_insync)}
         wanted = {
-            settings.inbox_topic: {},
-            settings.status_topic: {},
-            settings.deadletter_topic: {},
-            settings.state_topic: {"cleanup.policy": "compact"},
+            settings.inbox_topic: durable,
+            settings.status_topic: durable,
+            settings.deadletter_topic: durable,
+            settings.state_topic: {**durable, "cleanup.policy": "compact"},
         }
         missing = [
             NewTopic(name, settings.partitions, settings.replication_factor, topic_configs=configs)
@@ -67,7 +72,8 @@ async def ensure_topics(settings: KafkaSettings) -> None:
                     message = rest[0] if rest and rest[0] else f"error {code}"
                     raise StartupError(f"cannot create topic {name}: {message}")
             log.info("created topics %s", ", ".join(t.name for t in missing))
-        counts = await _partition_counts(admin, list(wanted))
+        partitions = await _partitions(admin, list(wanted))
+        topics_min_insync = await _topics_min_insync(admin, list(wanted))
     except (KafkaError, OSError) as exc:
         raise StartupError(
             f"Kafka at {settings.bootstrap_servers} is not reachable: {type(exc).__name__}"
@@ -75,28 +81,126 @@ async def ensure_topics(settings: KafkaSettings) -> None:
     finally:
         await admin.close()
     keyed = [settings.inbox_topic, settings.status_topic, settings.state_topic]
-    if len({counts[name] for name in keyed}) != 1:
-        found = ", ".join(f"{name} has {counts[name]}" for name in keyed)
+    if len({len(partitions[name]) for name in keyed}) != 1:
+        found = ", ".join(f"{name} has {len(partitions[name])}" for name in keyed)
         raise StartupError(f"inbox, status and state topics need the same partition count: {found}")
+    for name in wanted:
+        # Distinct brokers: a single-node broker may list itself once per replica.
+        replicas = min(len(set(p["replicas"])) for p in partitions[name])
+        _check_durability(settings, min_insync, name, replicas, topics_min_insync.get(name))
 
 
-async def _partition_counts(admin: AIOKafkaAdminClient, topics: list[str]) -> dict[str, int]:
-    counts = {}
+def _min_insync_replicas(settings: KafkaSettings) -> int:
+    """The topics' min.insync.replicas the settings ask for (2 when replication_factor
+    >= 3, else 1, unless set); above replication_factor it is a config error."""
+    factor = settings.replication_factor
+    wanted = settings.min_insync_replicas
+    if wanted is None:
+        wanted = 2 if factor >= 3 else 1
+    if wanted > factor:
+        raise ConfigError(
+            "kafka.min_insync_replicas",
+            f"is {wanted}, above replication_factor {factor}: every acks=all write would fail",
+        )
+    if wanted < 2 <= factor:
+        log.warning(
+            "kafka.min_insync_replicas is 1 with replication_factor %d: an acks=all write is "
+            "acked by one broker and lost with it (replication_factor 3 with "
+            "min_insync_replicas 2 survives the loss of one)",
+            factor,
+        )
+    return wanted
+
+
+async def _partitions(admin: AIOKafkaAdminClient, topics: list[str]) -> dict[str, list[Any]]:
+    """Each topic's partitions as describe_topics reports them (replicas included)."""
+    found = {}
     for description in await admin.describe_topics(topics):
         name = description["topic"]
         if description.get("error_code"):
             raise StartupError(
                 f"topic {name} cannot be described (error {description['error_code']})"
             )
-        counts[name] = len(description["partitions"])
-    return counts
+        found[name] = description["partitions"]
+    return found
+
+
+async def _topics_min_insync(admin: AIOKafkaAdminClient, topics: list[str]) -> dict[str, int]:
+    """Each topic's min.insync.replicas as the broker reports it; a topic it does not
+    report is left out, and said at INFO. All configs are asked for: Tansu drops the
+    connection when asked for named ones."""
+    resources = [ConfigResource(ConfigResourceType.TOPIC, name) for name in topics]
+    try:
+        responses = await admin.describe_configs(resources)
+    except KafkaError as exc:
+        log.info(
+            "min.insync.replicas of the topics not checked: the broker did not describe "
+            "their configs (%s)",
+            type(exc).__name__,
+        )
+        return {}
+    found = {}
+    for response in responses:
+        for resource in response.to_object()["resources"]:
+            entries = {e["config_names"]: e["config_value"] for e in resource["config_entries"]}
+            value = entries.get("min.insync.replicas")
+            if not resource["error_code"] and value is not None and value.isdigit():
+                found[resource["resource_name"]] = int(value)
+    if unchecked := [name for name in topics if name not in found]:
+        log.info(
+            "min.insync.replicas of topics %s not checked: the broker does not report it",
+            ", ".join(unchecked),
+        )
+    return found
+
+
+def _check_durability(
+    settings: KafkaSettings, min_insync: int, topic: str, replicas: int, topic_min: int | None
+) -> None:
+    """Stops a start on a topic no acks=all write can reach; warns about one on which
+    acks=all promises less than the settings."""
+    if topic_min is not None and topic_min > replicas:
+        raise StartupError(
+            f"topic {topic} has min.insync.replicas {topic_min} but {replicas} replica(s): "
+            "every acks=all write to it would fail"
+        )
+    factor = settings.replication_factor
+    if replicas >= factor and (topic_min is None or topic_min >= min_insync):
+        return
+    has = f"replication factor {replicas}, min.insync.replicas {topic_min or 'not reported'}"
+    want = f"{factor} and {min_insync}"
+    # An acked write is held by min.insync.replicas brokers: by at most all replicas.
+    held = replicas if topic_min is None else topic_min
+    if held < min_insync:
+        at_most = "at most " if topic_min is None else ""
+        meaning = f"survives the loss of {at_most}{_brokers(held - 1)}, not {min_insync - 1}"
+    elif topic_min is not None:
+        meaning = f"fails after {_brokers(replicas - held + 1)} lost, not {factor - min_insync + 1}"
+    else:
+        meaning = "fails after fewer broker losses"
+    log.warning(
+        "topic %s has %s, the settings say %s: an acks=all write to it %s",
+        topic,
+        has,
+        want,
+        meaning,
+    )
+
+
+def _brokers(count: int) -> str:
+    return f"{count} broker" if count == 1 else f"{count} brokers"
 
 
 async def read_to_end(
-    settings: KafkaSettings, topic: str, partitions: list[int] | None = None
+    settings: KafkaSettings,
+    topic: str,
+    partitions: list[int] | None = None,
+    start: Mapping[int, int] | None = None,
+    ends: dict[int, int] | None = None,
 ) -> AsyncIterator[ConsumerRecord]:
-    """Every record of `partitions` of `topic` (all when None), oldest first, up to the
-    end they have now; without a consumer group."""
+    """Every record of `partitions` of `topic` (all when None), oldest first, from offset
+    `start[p]` (the beginning when not given) up to the end they have now; without a
+    consumer group. The ends read are stored in `ends`, when given."""
     consumer = AIOKafkaConsumer(
         **client_options(settings), enable_auto_commit=False, fetch_max_wait_ms=50
     )
@@ -107,8 +211,12 @@ async def read_to_end(
         tps = [TopicPartition(topic, p) for p in partitions]
         consumer.assign(tps)
         await consumer.seek_to_beginning(*tps)
-        ends = await consumer.end_offsets(tps)
-        pending = {tp for tp in tps if ends[tp] > 0}
+        for tp in tps:
+            if start and start.get(tp.partition):
+                consumer.seek(tp, start[tp.partition])
+        last = await consumer.end_offsets(tps)
+        # From a given start, fetch at least once: the end reported may be short (below).
+        pending = {tp for tp in tps if last[tp] > 0 or (start and tp.partition in start)}
         while pending:
             # Bounded batches keep a restore's peak memory low (25% less than unbounded).
             batches = await consumer.getmany(*pending, timeout_ms=200, max_records=500)
@@ -118,9 +226,11 @@ async def read_to_end(
             for tp in list(pending):
                 # Some brokers under-report end_offsets after a batched write: the
                 # high-water mark of a fetch is the end that counts.
-                end = max(ends[tp], consumer.highwater(tp) or 0)
-                if await consumer.position(tp) >= end:
+                last[tp] = max(last[tp], consumer.highwater(tp) or 0)
+                if await consumer.position(tp) >= last[tp]:
                     pending.discard(tp)
+        if ends is not None:
+            ends.update({tp.partition: last[tp] for tp in tps})
     finally:
         await stop_consumer(consumer)
 
@@ -191,14 +301,27 @@ class Producer:
         value: bytes | None,
         headers: list[tuple[str, bytes]] | None = None,
         timeout: float | None = None,
+        partition: int | None = None,
     ) -> RecordMetadata:
         """Sends one record and waits for the broker's ack (at most `timeout` seconds).
 
         A send that times out may still be delivered later: callers must tolerate that.
+        `partition` None leaves it to the key's hash.
         """
-        sent = self._running.send_and_wait(topic, value, key=key.encode(), headers=headers)
+        sent = self._running.send_and_wait(
+            topic, value, key=key.encode(), headers=headers, partition=partition
+        )
         metadata: RecordMetadata = await asyncio.wait_for(sent, timeout)
         return metadata
+
+    async def flush(self, timeout: float) -> bool:
+        """Waits up to `timeout` seconds for every record sent to be acked or failed;
+        whether they all were."""
+        try:
+            await asyncio.wait_for(self._running.flush(), timeout)
+        except TimeoutError:
+            return False
+        return True
 
     async def reachable(self, timeout: float = 2.0) -> bool:
         """Whether the cluster answers a metadata request now."""

@@ -18,7 +18,7 @@ from bridge.config import Config
 from bridge.errors import StartupError
 from bridge.kafka import Producer, ensure_topics
 from bridge.metrics import Metrics
-from bridge.receiver import create_app
+from bridge.receiver import Readiness, create_app
 from bridge.servers import serve
 from bridge.worker import Worker
 
@@ -69,10 +69,16 @@ class Bridge:
             await self.worker.start()
             self._stack.push_async_callback(self.worker.stop)
         if self._with_receiver:
-            app = create_app(self.config, self.producer, self.metrics, self.problems)
+            app = create_app(self.config, self.producer, self.metrics, self.readiness)
             http_settings = self.config.http
             self.url = await self._stack.enter_async_context(
-                serve(app, http_settings.host, http_settings.port)
+                serve(
+                    app,
+                    http_settings.host,
+                    http_settings.port,
+                    header_timeout=http_settings.header_timeout,
+                    idle_timeout=http_settings.idle_timeout,
+                )
             )
 
     async def __aexit__(
@@ -83,14 +89,16 @@ class Bridge:
     ) -> None:
         await self._stack.aclose()
 
-    async def problems(self) -> list[str]:
-        """What keeps the bridge from being ready; empty when it is."""
-        found = []
+    async def readiness(self) -> Readiness:
+        """What keeps the bridge from being ready, and what slows it down."""
+        problems, degraded = [], []
         if not await self.producer.reachable():
-            found.append(f"Kafka at {self.config.kafka.bootstrap_servers} is not reachable")
-        if self._with_worker and (self.worker is None or not self.worker.running):
-            found.append("the worker is not running")
-        return found
+            problems.append(f"Kafka at {self.config.kafka.bootstrap_servers} is not reachable")
+        if self._with_worker:
+            worker = self.worker
+            problems += worker.problems() if worker else ["the worker is not running"]
+            degraded += worker.degraded() if worker else []
+        return Readiness(problems, degraded)
 
 
 async def run(config: Config, *, receiver: bool = True, worker: bool = True) -> None:

@@ -98,8 +98,10 @@ def snapshot(status: Status, code: int | str = 1) -> OrderSnapshot:
     )
 
 
-def state(status: Status, code: int | str = 1) -> OrderState:
-    return OrderState(first_seen=0.0, status=status, code=code, event_id="e", published_at=1.0)
+def state(status: Status, code: int | str = 1, highest: Status | None = None) -> OrderState:
+    return OrderState(
+        first_seen=0.0, status=status, code=code, event_id="e", published_at=1.0, highest=highest
+    )
 
 
 @pytest.mark.parametrize(
@@ -117,6 +119,10 @@ def state(status: Status, code: int | str = 1) -> OrderState:
         (state(Status.REFUNDED, 6), snapshot(Status.UNKNOWN, 42), Decision.PUBLISH),
         (state(Status.UNKNOWN, 42), snapshot(Status.UNKNOWN, 42), Decision.UNCHANGED),
         (state(Status.UNKNOWN, 42), snapshot(Status.PENDING, 1), Decision.PUBLISH),
+        # `unknown` in between never reopens a lower rank than the highest published.
+        (state(Status.UNKNOWN, 42, Status.SUCCEEDED), snapshot(Status.PROCESSING), Decision.STALE),
+        (state(Status.UNKNOWN, 42, Status.SUCCEEDED), snapshot(Status.FAILED), Decision.PUBLISH),
+        (state(Status.UNKNOWN, 42, Status.SUCCEEDED), snapshot(Status.REFUNDED), Decision.PUBLISH),
     ],
 )
 def test_status_moves_forward_only(
@@ -211,3 +217,50 @@ def test_poll_schedule_ignores_partitions_it_does_not_own() -> None:
     schedule.set(7, "c", 1.0)
     assert schedule.due(now=10.0, limit=10) == []
     assert schedule.next_due() is None
+
+
+def test_the_highest_rank_published_survives_unknown() -> None:
+    known = OrderState(first_seen=0.0)
+    for status in (Status.PROCESSING, Status.SUCCEEDED, Status.UNKNOWN):
+        known = known.published(status, 1, f"id-{status}", 1.0, 0)
+    assert (known.status, known.highest) == (Status.UNKNOWN, Status.SUCCEEDED)
+
+
+def test_state_records_of_other_versions_are_read() -> None:
+    newer = {
+        "version": 99,
+        "first_seen_at": "2026-11-22T10:00:00.000Z",
+        "status": "chargeback",  # a status this version does not know
+        "highest_status": "refunded",
+        "code": 9,
+        "event_id": "e9",
+        "next_poll_at": None,
+        "covered_offset": 41,
+        "something_new": {"a": 1},
+    }
+    state, covered = OrderState.decode(orjson.dumps(newer))
+    assert (state.status, state.highest, state.code, covered) == (
+        Status.UNKNOWN,
+        Status.REFUNDED,
+        9,
+        41,
+    )
+    older = {"version": 1, "first_seen_at": "2026-11-22T10:00:00.000Z", "status": "succeeded"}
+    state, covered = OrderState.decode(orjson.dumps(older))
+    assert (state.status, state.highest, state.polls, covered) == (
+        Status.SUCCEEDED,
+        Status.SUCCEEDED,
+        0,
+        None,
+    )
+    round_trip, _ = OrderState.decode(state.encode(7))
+    assert round_trip == state
+
+
+@pytest.mark.parametrize(
+    "value",
+    [b"", b"not json", b"[]", b'{"status": "succeeded"}', b'{"first_seen_at": 5}'],
+)
+def test_unreadable_state_records_are_a_value_error(value: bytes) -> None:
+    with pytest.raises(ValueError, match="not a state record"):
+        OrderState.decode(value)

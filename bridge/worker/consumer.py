@@ -25,13 +25,15 @@ from aiokafka.structs import ConsumerRecord
 from bridge.config import Config
 from bridge.kafka import Producer, client_options, stop_consumer
 from bridge.metrics import Metrics
-from bridge.state import StateStore
+from bridge.state import Restored, StateStore
 from bridge.worker.confirm import Confirmer
+from bridge.worker.fence import Fence, Fenced
 from bridge.worker.gateway import Gateways
 from bridge.worker.handler import HintHandler
 from bridge.worker.lanes import OrderLanes
 from bridge.worker.offsets import PartitionOffsets
 from bridge.worker.polls import PollSchedule
+from bridge.worker.writer import OrderWriter
 
 log = logging.getLogger(__name__)
 
@@ -57,10 +59,13 @@ class Worker:
         )
         self._state = StateStore(config.kafka)
         self._schedule = PollSchedule()
-        self._gateways = Gateways(http, metrics)
+        self._gateways = Gateways(http, metrics, settings)
+        self._writer = OrderWriter(
+            producer, config.kafka, self._state, Fence(settings.session_timeout)
+        )
         self._handler = HintHandler(
             config,
-            producer,
+            self._writer,
             self._state,
             self._schedule,
             Confirmer(self._gateways, settings),
@@ -74,6 +79,12 @@ class Worker:
         # Partitions whose state is restored; records of the others wait in `_held`.
         self._restored: set[int] = set()
         self._held: dict[int, list[ConsumerRecord]] = {}
+        # Since when hints wait for a restore, and why it failed last: for /readyz.
+        self._held_since: float | None = None
+        self._restore_problem: str | None = None
+        # Hints waiting in their order's lane, by partition and key: a hint for an order
+        # whose hints wait already joins them, so they cost one query.
+        self._waiting: dict[tuple[int, str], list[ConsumerRecord]] = {}
         # Set when the poll loop should look at the schedule again now.
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
@@ -93,6 +104,7 @@ class Worker:
             return
         self._consumer.subscribe([self._config.kafka.inbox_topic], listener=_Rebalance(self))
         await self._consumer.start()
+        self._writer.fence.watch(self._consumer._coordinator)
         self._tasks = [
             asyncio.create_task(self._run(), name="worker inbox"),
             asyncio.create_task(self._poll(), name="worker polls"),
@@ -170,31 +182,46 @@ class Worker:
         if partition not in self._restored:
             # aiokafka fetches a new partition while its state is still being restored.
             self._held.setdefault(partition, []).append(record)
+            if self._held_since is None:
+                self._held_since = time.monotonic()
             return
         self._submit(partition, record)
 
     def _submit(self, partition: int, record: ConsumerRecord) -> None:
+        key = record.key.decode("utf-8", "replace") if record.key else f"offset {record.offset}"
+        waiting = self._waiting.get((partition, key))
+        if waiting is not None:
+            waiting.append(record)
+            return
+        self._waiting[(partition, key)] = [record]
         lanes = self._lanes.setdefault(partition, OrderLanes())
-        key = record.key.decode() if record.key else f"offset {record.offset}"
         if key in lanes and key.count("/") >= 2:
             # The order is busy, maybe with a poll that waits behind other orders' hints
             # for a token: this hint would wait behind it, so it goes with the hints.
             _, account, order_id = key.split("/", 2)
             self._gateways.hurry(account, order_id)
-        lanes.submit(key, partial(self._handle, partition, record))
+        lanes.submit(key, partial(self._handle, partition, key))
         self._metrics.set("order_bridge_hints_in_flight", self.in_flight)
 
-    async def _handle(self, partition: int, record: ConsumerRecord) -> None:
+    async def _handle(self, partition: int, key: str) -> None:
+        # Hints that arrive from now on wait for a query of their own: this one may
+        # have been asked before their change.
+        records = self._waiting.pop((partition, key), [])
         try:
-            await self._handler.handle(partition, record.value)
+            await self._handler.handle(partition, records)
         except asyncio.CancelledError:
-            # Handed back by a drain: its offset stays uncommitted, for the next owner.
+            # Handed back by a drain: the offsets stay uncommitted, for the next owner.
             raise
+        except Fenced as exc:
+            log.info("%s: handed back unfinished", exc)
+            return
         except Exception:
-            log.exception("hint at inbox partition %d offset %d failed", partition, record.offset)
+            offset = records[0].offset if records else -1
+            log.exception("hint at inbox partition %d offset %d failed", partition, offset)
         offsets = self._offsets.get(partition)
         if offsets is not None:
-            offsets.finished(record.offset)
+            for record in records:
+                offsets.finished(record.offset)
         self._metrics.set("order_bridge_hints_in_flight", self.in_flight)
 
     def _apply_backpressure(self) -> None:
@@ -233,12 +260,16 @@ class Worker:
         cancelled = sum(await asyncio.gather(*(lane.drain(timeout) for lane in lanes)))
         if cancelled:
             log.warning("handed back %d orders' hints unfinished", cancelled)
+        # Nothing more is written for these partitions, and what was sent lands before
+        # the next owner restores them.
+        await self._writer.close(partitions, timeout)
         await self._commit(partitions)
         for partition in partitions:
             self._lanes.pop(partition, None)
             self._offsets.pop(partition, None)
             self._polls_in_flight.pop(partition, None)
             self._held.pop(partition, None)
+        self._waiting = {k: v for k, v in self._waiting.items() if k[0] not in partitions}
         self._restored.difference_update(partitions)
         self._state.forget(partitions)
 
@@ -246,17 +277,19 @@ class Worker:
         # Hints must not run before their orders' state is back: without it the
         # forward-only rule cannot hold. So a restore that fails is tried again, until
         # the worker stops: aiokafka's stop() waits for this listener to return.
+        self._writer.fence.renew()
         while True:
             if self._stopping:
                 return
             try:
-                await self._state.restore(partitions)
+                found = await self._state.restore(partitions)
+                await self._open(partitions, found)
                 break
             except (KafkaError, OSError) as exc:
-                log.warning(
-                    "restoring state of partitions %s failed (%r); again in 1s", partitions, exc
-                )
+                self._restore_problem = f"restoring state of partitions {partitions} failed"
+                log.warning("%s (%r); again in 1s", self._restore_problem, exc)
                 await asyncio.sleep(1)
+        self._restore_problem = None
         for partition in partitions:
             self._schedule.own(partition)
             for key, state in self._state.items(partition):
@@ -264,8 +297,42 @@ class Worker:
             self._restored.add(partition)
             for record in self._held.pop(partition, []):
                 self._submit(partition, record)
+        if not self._held:
+            self._held_since = None
         self._wake.set()
         log.info("owning inbox partitions %s", sorted(partitions))
+
+    async def _open(self, partitions: list[int], found: Restored) -> None:
+        """Opens restored partitions for writing: first the records nobody can read go
+        to the dead-letter topic, and orders the status topic brought forward save their
+        state again, so the next restore reads a shorter tail."""
+        for record, problem in found.unreadable:
+            await self._handler.unreadable(record, problem)
+        for partition in partitions:
+            keys = found.caught_up.get(partition, set())
+            states = {key: self._state.get(partition, key) for key in keys}
+            unsaved = {s.event_offset for s in states.values() if s and s.event_offset is not None}
+            self._writer.open(partition, found.status_ends.get(partition, 0), unsaved)
+            for key, state in states.items():
+                if state is not None:
+                    await self._writer.save(partition, key, state, written=False)
+
+    def degraded(self) -> list[str]:
+        """Accounts whose circuit breaker is open: their queries wait, nothing fails."""
+        return self._gateways.degraded()
+
+    def problems(self) -> list[str]:
+        """What keeps the worker from confirming hints; empty when nothing does."""
+        found = []
+        if not self.running:
+            found.append("the worker is not running")
+        if self._restore_problem:
+            found.append(self._restore_problem)
+        stalled = self._config.worker.stall_after
+        if self._held_since is not None and time.monotonic() - self._held_since > stalled:
+            waiting = sorted(self._held)
+            found.append(f"hints of partitions {waiting} wait for their state over {stalled:g}s")
+        return found
 
     async def _leave_group(self) -> None:
         # Tansu numbers a group's first generation 0, and aiokafka only leaves from

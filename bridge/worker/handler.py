@@ -1,34 +1,37 @@
-"""Confirming one order, start to finish: for a hint from the inbox or a due poll.
+"""Confirming one order, start to finish: for hints from the inbox or a due poll.
 
 Every confirmation ends in the order's new state record: what was published, and
 when to ask again. An order is followed from its first hint until its status is
-final, so one whose callbacks never come still reaches a final event.
+final, so one whose callbacks never come still reaches a final event. The order's
+event and state are written by `OrderWriter`, the one sequence that survives a crash.
 """
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import enum
 import logging
 import time
 from dataclasses import dataclass
 
-from aiokafka.errors import KafkaError, MessageSizeTooLargeError
+from aiokafka.structs import ConsumerRecord
 
 from bridge.accounts import Account
 from bridge.clock import iso, utc_now
 from bridge.config import Config
-from bridge.deadletter import Reason, dead_letter
+from bridge.deadletter import Reason, dead_letter, unreadable_dead_letter
 from bridge.errors import OrderNotFound, ProviderError, UnknownAccount
 from bridge.events import StatusEvent, Trigger
 from bridge.inbox import InboxRecord
-from bridge.kafka import Producer
 from bridge.metrics import Metrics
 from bridge.orders import OrderSnapshot, order_key
+from bridge.redact import shown
 from bridge.state import OrderState, StateStore
-from bridge.worker.confirm import Confirmer, Unconfirmed, backoff
+from bridge.worker.confirm import Confirmer, Unconfirmed
+from bridge.worker.fence import Fenced
+from bridge.worker.flood import HintBudget
 from bridge.worker.polls import PollSchedule
+from bridge.worker.writer import OrderWriter
 
 log = logging.getLogger(__name__)
 
@@ -41,13 +44,15 @@ class Decision(enum.Enum):
 
 
 def decide(previous: OrderState | None, snapshot: OrderSnapshot) -> Decision:
-    """Whether a confirmed snapshot is news. Status only moves forward; `unknown` always shows."""
+    """Whether a confirmed snapshot is news. Status only moves forward from the highest
+    rank ever published; `unknown` always shows, and never reopens a lower status."""
     if previous is None or previous.status is None:
         return Decision.PUBLISH
     if (previous.status, previous.code) == (snapshot.status, snapshot.provider_status.code):
         return Decision.UNCHANGED
-    new, old = snapshot.status.rank, previous.status.rank
-    if new is not None and old is not None and new < old:
+    highest = previous.highest or previous.status
+    new, top = snapshot.status.rank, highest.rank
+    if new is not None and top is not None and new < top:
         return Decision.STALE
     return Decision.PUBLISH
 
@@ -71,85 +76,120 @@ class HintHandler:
     def __init__(
         self,
         config: Config,
-        producer: Producer,
+        writer: OrderWriter,
         state: StateStore,
         schedule: PollSchedule,
         confirmer: Confirmer,
         metrics: Metrics,
     ) -> None:
         self._config = config
-        self._producer = producer
+        self._writer = writer
         self._state = state
         self._schedule = schedule
         self._confirmer = confirmer
         self._metrics = metrics
+        self._budget = HintBudget(config.worker.unverified_hints_per_minute)
 
-    async def handle(self, partition: int, value: bytes | None) -> None:
-        """One inbox record: a callback, watch request or replay."""
-        try:
-            record = InboxRecord.decode(value or b"")
-        except ValueError as exc:
-            await self._write_dead_letter("unreadable", str(exc), "?", "?", "?")
+    async def handle(self, partition: int, records: list[ConsumerRecord]) -> None:
+        """Inbox records of one order (callbacks, watch requests, replays) that waited
+        together: one confirmation answers them all."""
+        hints = []
+        for raw in records:
+            try:
+                hints.append(InboxRecord.decode(raw.value or b""))
+            except ValueError as exc:
+                await self.unreadable(raw, str(exc))
+        if not hints:
             return
+        # A signed callback first: it is the one hint a flood cannot forge.
+        record = next((h for h in hints if h.signature_rule), hints[-1])
+        if len(hints) > 1:
+            self._metrics.inc("order_bridge_hints_coalesced_total", provider=record.provider)
         try:
             account = self._config.account(record.provider, record.account)
         except UnknownAccount as exc:
-            await self._write_dead_letter(
-                "rejected", str(exc), record.provider, record.account, record.order_id, record
-            )
+            for hint in hints:
+                await self._write_dead_letter(
+                    "rejected", str(exc), hint.provider, hint.account, hint.order_id, hint
+                )
             return
-        await self._confirm(partition, account, record.order_id, record.trigger, record)
+        order = _Order(partition, account, record.order_id, record)
+        unverified = record.trigger == "callback" and not record.signature_rule
+        if unverified and not self._budget.take(account.name):
+            await self._poll_soon(order)
+            return
+        await self._confirm(order, record.trigger)
+
+    async def unreadable(self, record: ConsumerRecord, problem: str) -> None:
+        """Keeps a record that cannot be read in the dead-letter topic, and skips it."""
+        value, headers = unreadable_dead_letter(record, problem)
+        key = record.key.decode("utf-8", "replace") if record.key else "?"
+        await self._writer.send(self._config.kafka.deadletter_topic, key, value, headers)
+        self._metrics.inc("order_bridge_deadletters_total", reason="unreadable")
+        log.error(
+            "skipped an unreadable record at %s partition %d offset %d: %s",
+            record.topic,
+            record.partition,
+            record.offset,
+            shown(problem),
+        )
 
     async def poll(self, partition: int, key: str) -> None:
         """One due poll of an order this worker follows, or forgetting one it no longer does."""
         state = self._state.get(partition, key)
         if state is not None and state.next_poll is None:
             if state.forget_at is not None and time.time() >= state.forget_at:
-                # A tombstone: compaction drops the record, restores skip the order.
-                await self._send(self._config.kafka.state_topic, key, None)
-                self._state.remove(partition, key)
+                await self._writer.forget(partition, key)
             return
         provider, account_name, order_id = key.split("/", 2)
         try:
             account = self._config.account(provider, account_name)
         except UnknownAccount:
-            log.warning("%s: its account is no longer configured; not polled any more", key)
+            log.warning("%s: its account is no longer configured; not polled any more", shown(key))
             if state is None:
                 self._schedule.set(partition, key, None)
             else:  # no longer followed, so forgotten after `forget_after`
-                await self._save(partition, key, state, None, None, None)
+                await self._save(partition, key, state, state, next_poll=None)
             return
-        await self._confirm(partition, account, order_id, "poll")
+        await self._confirm(_Order(partition, account, order_id, None), "poll")
 
-    async def _confirm(
-        self,
-        partition: int,
-        account: Account,
-        order_id: str,
-        trigger: Trigger,
-        record: InboxRecord | None = None,
-    ) -> None:
-        order = _Order(partition, account, order_id, record)
+    async def _poll_soon(self, order: _Order) -> None:
+        """Over the flood guard's budget: the hint waits for the order's next poll, now."""
+        self._metrics.inc(
+            "order_bridge_hints_total", provider=order.account.provider, outcome="deferred"
+        )
+        known = self._state.get(order.partition, order.key)
+        now = time.time()
+        if known is not None and known.next_poll is not None and known.next_poll <= now:
+            return
+        base = known or OrderState(first_seen=now)
+        await self._save(order.partition, order.key, base, known, next_poll=now)
+
+    async def _confirm(self, order: _Order, trigger: Trigger) -> None:
+        written = self._state.get(order.partition, order.key)
         try:
-            await self._settle(order, trigger)
+            await self._settle(order, trigger, written)
+        except Fenced:
+            raise  # the partition's next owner does it again
         except Exception as exc:
             # A bug, ours or an adapter's, on an answer nobody foresaw, or an event Kafka
             # can never take. The hint is kept (replayable) and the order stays
             # followed; the traceback is in the log.
-            log.exception("%s: confirming failed unexpectedly", order.key)
-            if record is not None:
+            log.exception("%s: confirming failed unexpectedly", shown(order.key))
+            if order.record is not None:
                 detail = f"unexpected {type(exc).__name__}; see the worker's log"
                 await self._dead_letter(order, "failed", detail)
-            known = self._state.get(partition, order.key) or OrderState(first_seen=time.time())
-            next_poll = time.time() + self._config.polling.interval(known.polls)
-            await self._finish(order, known, "failed", next_poll)
+            now = time.time()
+            known = self._state.get(order.partition, order.key) or OrderState(first_seen=now)
+            next_poll = now + self._config.polling.interval(known.polls)
+            # Written whatever its record holds: the memory may have moved past it.
+            await self._finish(order, known, None, "failed", next_poll)
 
-    async def _settle(self, order: _Order, trigger: Trigger) -> None:
+    async def _settle(self, order: _Order, trigger: Trigger, written: OrderState | None) -> None:
         """Queries the order, publishes what changed, saves its state and next poll."""
         account, order_id = order.account, order.order_id
-        previous = self._state.get(order.partition, order.key)
         now = time.time()
-        known = previous or OrderState(first_seen=now)
+        known = written or OrderState(first_seen=now)
         polling = self._config.polling
         try:
             if trigger == "poll":
@@ -157,52 +197,73 @@ class HintHandler:
             else:
                 snapshot = await self._confirmer.confirm(account, order_id)
         except OrderNotFound as exc:
+            if known.status is not None:
+                # It was confirmed before: the provider's answer is a glitch, retried
+                # by the next poll like any transient error.
+                await self._failed(order, known, written, "not_found_glitch", None)
+                return
             misses = known.misses + 1
             next_poll: float | None = now + polling.interval(misses - 1)
             if misses > polling.not_found_retries:
                 await self._dead_letter(order, "not_found", str(exc))
                 next_poll = None
-            await self._finish(order, known, "not_found", next_poll, misses=misses)
+            known = dataclasses.replace(known, misses=misses)
+            await self._finish(order, known, written, "not_found", next_poll)
             return
         except Unconfirmed as exc:
             # The hint is dead-lettered, but the order stays followed: polls go on.
             await self._dead_letter(order, "unconfirmed", str(exc), exc.attempts)
-            await self._finish(order, known, "unconfirmed", now + polling.interval(0))
+            await self._finish(order, known, written, "unconfirmed", now + polling.interval(0))
             return
         except ProviderError as exc:
-            if exc.transient:  # only polls get here: the next poll is their retry
-                next_poll = now + polling.interval(known.polls)
-                await self._finish(order, known, "poll_failed", next_poll)
-                return
-            await self._dead_letter(order, "rejected", str(exc))
-            await self._finish(order, known, "rejected", None)
+            # Transient (only polls get here: the next poll is their retry), or permanent,
+            # such as a key rotated at the provider: either way the order stays followed.
+            await self._failed(order, known, written, "poll_failed", exc)
             return
 
-        decision = decide(previous, snapshot)
+        decision = decide(written, snapshot)
         if decision is Decision.PUBLISH:
-            known = await self._publish(order.key, snapshot, known, trigger)
+            known = await self._publish(order, snapshot, known, trigger)
         elif decision is Decision.STALE:
             self._metrics.inc("order_bridge_stale_answers_total", provider=account.provider)
             log.info(
                 "%s: provider says %s, %s was published already; asking again soon",
-                order.key,
+                shown(order.key),
                 snapshot.status,
-                known.status,
+                known.highest or known.status,
             )
         done = known.status is not None and known.status.is_final
         polls = known.polls + 1 if decision is Decision.UNCHANGED and not done else 0
+        known = dataclasses.replace(known, polls=polls, misses=0, failures=0)
         next_poll = None if done else now + polling.interval(polls)
-        await self._finish(order, known, decision.value, next_poll, polls=polls, misses=0)
+        await self._finish(order, known, written, decision.value, next_poll)
+
+    async def _failed(
+        self,
+        order: _Order,
+        known: OrderState,
+        written: OrderState | None,
+        outcome: str,
+        error: ProviderError | None,
+    ) -> None:
+        """A query that failed for an order that stays followed: asked again later,
+        backing off; a permanent error is dead-lettered once an incident (and for
+        every hint, which is replayable)."""
+        permanent = error is not None and not error.transient
+        if permanent and (order.record is not None or known.failures == 0):
+            await self._dead_letter(order, "rejected", str(error))
+        failures = known.failures + 1
+        known = dataclasses.replace(known, failures=failures)
+        next_poll = time.time() + self._config.polling.interval(failures)
+        await self._finish(order, known, written, outcome, next_poll)
 
     async def _finish(
         self,
         order: _Order,
         known: OrderState,
+        written: OrderState | None,
         outcome: str,
         next_poll: float | None,
-        *,
-        polls: int | None = None,
-        misses: int | None = None,
     ) -> None:
         """Stops following an order past its max age, then saves and schedules it."""
         age = time.time() - known.first_seen
@@ -211,13 +272,13 @@ class HintHandler:
             detail = f"still {status} after {age / 3600:.1f} h: no longer polled"
             await self._dead_letter(order, "stale", detail)
             next_poll = None
-        await self._save(order.partition, order.key, known, next_poll, polls, misses)
+        await self._save(order.partition, order.key, known, written, next_poll=next_poll)
         self._metrics.inc(
             "order_bridge_hints_total", provider=order.account.provider, outcome=outcome
         )
 
     async def _publish(
-        self, key: str, snapshot: OrderSnapshot, known: OrderState, trigger: Trigger
+        self, order: _Order, snapshot: OrderSnapshot, known: OrderState, trigger: Trigger
     ) -> OrderState:
         event = StatusEvent(
             snapshot=snapshot,
@@ -226,64 +287,38 @@ class HintHandler:
             trigger=trigger,
             observed_at=utc_now(),
         )
-        # The event first, then the memory of it (saved by the caller): a crash in
-        # between re-publishes the same change with the same ce_id, never loses it.
-        await self._send(self._config.kafka.status_topic, key, event.value(), event.headers())
+        published = await self._writer.publish(order.partition, order.key, event, known)
         self._metrics.inc("order_bridge_events_published_total", status=snapshot.status.value)
         log.info(
             "%s: %s -> %s (%s, ce_id %s)",
-            key,
+            shown(order.key),
             known.status or "new",
             snapshot.status,
             trigger,
             event.id,
         )
-        return OrderState(
-            first_seen=known.first_seen,
-            status=snapshot.status,
-            code=snapshot.provider_status.code,
-            event_id=event.id,
-            published_at=event.observed_at.timestamp(),
-        )
+        return published
 
     async def _save(
         self,
         partition: int,
         key: str,
         known: OrderState,
+        written: OrderState | None,
+        *,
         next_poll: float | None,
-        polls: int | None,
-        misses: int | None,
     ) -> None:
-        """Writes the order's new state record (when it changed) and schedules its next poll."""
-        forget_at = (
-            None if next_poll is not None else time.time() + self._config.polling.forget_after
-        )
-        state = OrderState(
-            first_seen=known.first_seen,
-            status=known.status,
-            code=known.code,
-            event_id=known.event_id,
-            published_at=known.published_at,
-            next_poll=next_poll,
-            polls=known.polls if polls is None else polls,
-            misses=known.misses if misses is None else misses,
-            forget_at=forget_at,
-        )
-        previous = self._state.get(partition, key)
-        if previous is not None and previous.forget_at is not None and forget_at is not None:
-            # Already not followed: keep the first forget time, and skip a needless write.
-            state = dataclasses.replace(state, forget_at=previous.forget_at)
-        if state != previous:
-            await self._send(self._config.kafka.state_topic, key, state.encode())
-        self._remember(partition, key, state, state.next_due)
-
-    def _remember(
-        self, partition: int, key: str, state: OrderState | None, next_poll: float | None
-    ) -> None:
-        if state is not None:
-            self._state.put(partition, key, state)
-        self._schedule.set(partition, key, next_poll)
+        """Writes the order's state record (unless `written`, what it holds, is the same)
+        and schedules its next poll, or when it is forgotten."""
+        forget_at = None
+        if next_poll is None:
+            # Already not followed: keep the first forget time.
+            forget_at = (written.forget_at if written else None) or (
+                time.time() + self._config.polling.forget_after
+            )
+        state = dataclasses.replace(known, next_poll=next_poll, forget_at=forget_at)
+        await self._writer.save(partition, key, state, written=state == written)
+        self._schedule.set(partition, key, state.next_due)
 
     async def _dead_letter(
         self, order: _Order, reason: Reason, detail: str, attempts: int = 0
@@ -317,28 +352,6 @@ class HintHandler:
             attempts=attempts,
         )
         key = order_key(provider, account, order_id)
-        await self._send(self._config.kafka.deadletter_topic, key, value, headers)
+        await self._writer.send(self._config.kafka.deadletter_topic, key, value, headers)
         self._metrics.inc("order_bridge_deadletters_total", reason=reason)
-        log.warning("dead-lettered %s: %s: %s", key, reason, detail)
-
-    async def _send(
-        self,
-        topic: str,
-        key: str,
-        value: bytes | None,
-        headers: list[tuple[str, bytes]] | None = None,
-    ) -> None:
-        """Sends until Kafka acks: the work is not done, nor its offset committed, before."""
-        attempt = 0
-        while True:
-            try:
-                await self._producer.send(topic, key, value, headers, timeout=30)
-            except MessageSizeTooLargeError:
-                raise  # no retry can make it fit
-            except (KafkaError, TimeoutError) as exc:
-                attempt += 1
-                delay = backoff(attempt, 0.5, 10.0)
-                log.warning("%s: write to %s failed (%r); again in %.1fs", key, topic, exc, delay)
-                await asyncio.sleep(delay)
-            else:
-                return
+        log.warning("dead-lettered %s: %s: %s", shown(key), reason, shown(detail, 300))

@@ -85,8 +85,7 @@ async def ensure_topics(settings: KafkaSettings) -> None:
         found = ", ".join(f"{name} has {len(partitions[name])}" for name in keyed)
         raise StartupError(f"inbox, status and state topics need the same partition count: {found}")
     for name in wanted:
-        # Distinct brokers: a single-node broker may list itself once per replica.
-        replicas = min(len(set(p["replicas"])) for p in partitions[name])
+        replicas = min(len(p["replicas"]) for p in partitions[name])
         _check_durability(settings, min_insync, name, replicas, topics_min_insync.get(name))
 
 
@@ -167,7 +166,8 @@ def _check_durability(
     factor = settings.replication_factor
     if replicas >= factor and (topic_min is None or topic_min >= min_insync):
         return
-    has = f"replication factor {replicas}, min.insync.replicas {topic_min or 'not reported'}"
+    reported = "not reported" if topic_min is None else topic_min
+    has = f"replication factor {replicas}, min.insync.replicas {reported}"
     want = f"{factor} and {min_insync}"
     # An acked write is held by min.insync.replicas brokers: by at most all replicas.
     held = replicas if topic_min is None else topic_min

@@ -58,8 +58,11 @@ class OrderState:
     highest: Status | None = None
     # The status-topic offset of the last published event.
     event_offset: int | None = None
-    # Queries in a row that failed with a provider error (an incident while above 0).
+    # Queries in a row that failed with a provider error (an incident while above 0),
+    # and how many of them were refusals: the first refusal of an incident is
+    # dead-lettered.
     failures: int = 0
+    refusals: int = 0
 
     @property
     def next_due(self) -> float | None:
@@ -101,6 +104,7 @@ class OrderState:
                 "highest_status": None if self.highest is None else self.highest.value,
                 "event_offset": self.event_offset,
                 "failures": self.failures,
+                "refusals": self.refusals,
                 "covered_offset": covered,
             }
         )
@@ -127,6 +131,7 @@ class OrderState:
                 highest=_status(data.get("highest_status")) or _status(data.get("status")),
                 event_offset=_offset(data.get("event_offset")),
                 failures=_count(data.get("failures")),
+                refusals=_count(data.get("refusals")),
             )
             return state, _offset(data.get("covered_offset"))
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:

@@ -105,5 +105,9 @@ async def test_a_worker_stops_promptly_while_kafka_is_away(
     with on_log("aiokafka.consumer.group_coordinator", assigned, cut_off_broker.proxy.cut):
         bridge = await Bridge(config).__aenter__()
         await wait_for_log(caplog, "restoring state of partitions")
+        async with httpx.AsyncClient() as http:
+            ready = await http.get(f"{bridge.url}/readyz")
+        assert ready.status_code == 503
+        assert any(p.startswith("restoring state of partitions") for p in ready.json()["problems"])
         # SIGTERM now: the stop must not wait for Kafka to come back.
         await asyncio.wait_for(bridge.__aexit__(None, None, None), 30)

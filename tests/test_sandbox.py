@@ -24,6 +24,7 @@ from starlette.routing import Route
 
 from bridge import providers
 from bridge.accounts import Account
+from bridge.errors import OrderNotFound
 from bridge.query import query_order
 from bridge.sandbox import Faults, Sandbox
 from bridge.servers import serve
@@ -561,6 +562,72 @@ async def test_refuse_ids_refuses_every_query_naming_them(
     assert [q.outcome for q in box.queries] == ["refused", "ok"]
     bad_setting = await http.post(f"{sandbox.url}/_sandbox/faults/{KSU}", json={"refuse_ids": "x"})
     assert bad_setting.status_code == 400
+
+
+async def signed_query(
+    http: httpx.AsyncClient, sandbox: RunningSandbox, provider: str, order_id: str
+) -> httpx.Response:
+    """The provider's raw answer to a query for `order_id`, signed by hand from the docs."""
+    if provider == "kasushou":
+        return await kasushou_post(http, sandbox, ordersn_body(order_id))
+    if provider == "lunpay":
+        sign = hashlib.md5(f"M1001A77{order_id}{LUNPAY_SECRET}".encode()).hexdigest()
+        return await http.post(
+            f"{sandbox.url}/lunpay/api/order/query", json=lunpay_body(order_id, sign)
+        )
+    return await http.post(
+        f"{sandbox.url}/lemft/v1/openApi/card/order/getOrder", json=lemft_body(order_id)
+    )
+
+
+@pytest.mark.parametrize("provider", ["lemft", "lunpay", "kasushou"])
+async def test_missing_ids_answers_not_found_for_an_order_it_has(
+    sandbox: RunningSandbox, http: httpx.AsyncClient, provider: str
+) -> None:
+    box = sandbox.sandbox
+    account: Account = sandbox.accounts[provider]
+    hidden, other = (box.create_order(account.name, status=2) for _ in range(2))
+    # Set through the control route, as a person trying the sandbox would.
+    set_fault = await http.post(
+        f"{sandbox.url}/_sandbox/faults/{account.name}", json={"missing_ids": [hidden.order_id]}
+    )
+    assert set_fault.json()["missing_ids"] == [hidden.order_id]
+    assert box.faults(account.name) == Faults(missing_ids=(hidden.order_id,))
+
+    # The provider's own answer for an order it does not know: the same bytes as for an
+    # id it never had.
+    hidden_answer = await signed_query(http, sandbox, provider, hidden.order_id)
+    unknown_answer = await signed_query(http, sandbox, provider, "never-made-1")
+    assert hidden_answer.status_code == unknown_answer.status_code == 200
+    assert hidden_answer.json() == unknown_answer.json()
+    with pytest.raises(OrderNotFound):
+        await query_order(http, account, hidden.order_id)
+    assert (await query_order(http, account, other.order_id)).order_id == other.order_id
+    box.set_faults(account.name, Faults())
+    assert (await query_order(http, account, hidden.order_id)).provider_status.code == 2
+
+    assert [(q.order_ids, q.outcome) for q in box.queries] == [
+        ((hidden.order_id,), "missing"),
+        (("never-made-1",), "not_found" if provider != "kasushou" else "ok"),
+        ((hidden.order_id,), "missing"),
+        ((other.order_id,), "ok"),
+        ((hidden.order_id,), "ok"),
+    ]
+    bad_setting = await http.post(
+        f"{sandbox.url}/_sandbox/faults/{account.name}", json={"missing_ids": "x"}
+    )
+    assert bad_setting.status_code == 400
+
+
+async def test_missing_ids_leaves_the_order_out_of_a_kasushou_batch(
+    sandbox: RunningSandbox, http: httpx.AsyncClient
+) -> None:
+    box = sandbox.sandbox
+    hidden, other = (box.create_order(KSU).order_id for _ in range(2))
+    box.set_faults(KSU, Faults(missing_ids=(hidden,)))
+    batch = await kasushou_post(http, sandbox, ordersn_body(f"{other},{hidden}"))
+    assert [o["ordersn"] for o in batch.json()["data"]] == [other]
+    assert [q.outcome for q in box.queries] == ["missing"]
 
 
 async def test_stale_rate_answers_the_previous_status(

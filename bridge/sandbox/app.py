@@ -304,9 +304,14 @@ class Sandbox:
         found = self._book.find(
             query.account.name, query.order_ids, by_external=query.by_external, days=query.days
         )
-        shown = [Shown(o, o.previous_status if stale else o.status) for o in found]
+        kept = [o for o in found if o.order_id not in faults.missing_ids]
+        shown = [Shown(o, o.previous_status if stale else o.status) for o in kept]
         response, outcome = provider.answer(query, shown)
-        record("stale" if any(s.status != s.order.status for s in shown) else outcome)
+        if len(kept) < len(found):
+            outcome = "missing"
+        elif any(s.status != s.order.status for s in shown):
+            outcome = "stale"
+        record(outcome)
         return response
 
     def _failure(self, provider: SandboxProvider) -> Response:

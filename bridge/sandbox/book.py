@@ -29,14 +29,20 @@ class Faults:
     # Order ids the provider chokes on: a query naming any of them is refused as a whole
     # with the provider's error envelope (kasushou: code 400), the others with it too.
     refuse_ids: tuple[str, ...] = ()
+    # Order ids the provider answers "not found" for, although it has them (a glitch of
+    # its database or cache): each provider's own not-found answer, as for an unknown id
+    # (lemft: empty data; lunpay: code 403 "order not found"; kasushou: left out).
+    missing_ids: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not isinstance(self.hang, bool) or not isinstance(self.down, bool):
             raise TypeError("hang and down must be true or false")
-        if isinstance(self.refuse_ids, str) or not all(isinstance(i, str) for i in self.refuse_ids):
-            raise TypeError("refuse_ids must be a list of order ids")
-        # JSON gives a list; a tuple keeps Faults hashable and comparable.
-        object.__setattr__(self, "refuse_ids", tuple(self.refuse_ids))
+        for name in ("refuse_ids", "missing_ids"):
+            ids = getattr(self, name)
+            if isinstance(ids, str) or not all(isinstance(i, str) for i in ids):
+                raise TypeError(f"{name} must be a list of order ids")
+            # JSON gives a list; a tuple keeps Faults hashable and comparable.
+            object.__setattr__(self, name, tuple(ids))
         if not self.latency >= 0.0:
             raise ValueError(f"latency must be >= 0, got {self.latency!r}")
         for name in ("error_rate", "stale_rate"):
@@ -99,7 +105,7 @@ class QueryRecord:
     # time.monotonic() when the request arrived.
     received_at: float
     # ok, not_found, stale, bad_sign, unknown_account, malformed, bad_path, fault, down, hang,
-    # refused
+    # refused, missing (Faults.missing_ids hid an order it has)
     outcome: str
     # The caller's User-Agent: tells apart bridge instances querying one account.
     client: str = ""

@@ -31,8 +31,9 @@ def routes(box: Sandbox) -> list[Route]:
     POST /_sandbox/orders                       {"account", "order_id"?, "status"?, "amount"?,
                                                  "currency"?, "external_order_id"?} -> 201
     POST /_sandbox/orders/{account}/{order_id}  {"status": int}
-    POST /_sandbox/faults/{account}             Faults' fields, e.g. {"down": true} or
-                                                {"refuse_ids": ["D1007..."]}
+    POST /_sandbox/faults/{account}             Faults' fields, e.g. {"down": true},
+                                                {"refuse_ids": ["D1007..."]} or
+                                                {"missing_ids": ["ord_..."]}
     POST /_sandbox/callbacks                    {"account", "order_id", "url", "encoding"?,
                                                  "status"?, "bad_sign"?} -> the receiver's answer
     """

@@ -79,8 +79,9 @@ class Worker:
         # Partitions whose state is restored; records of the others wait in `_held`.
         self._restored: set[int] = set()
         self._held: dict[int, list[ConsumerRecord]] = {}
-        # Since when hints wait for a restore, and why it failed last: for /readyz.
-        self._held_since: float | None = None
+        # Since when each partition's hints wait for its restore, and why the last one
+        # failed: for /readyz.
+        self._held_since: dict[int, float] = {}
         self._restore_problem: str | None = None
         # Hints waiting in their order's lane, by partition and key: a hint for an order
         # whose hints wait already joins them, so they cost one query.
@@ -172,6 +173,8 @@ class Worker:
     async def _poll_one(self, partition: int, key: str) -> None:
         try:
             await self._handler.poll(partition, key)
+        except Fenced as exc:
+            log.info("%s: a poll handed back unfinished", exc)
         finally:
             if partition in self._polls_in_flight:
                 self._polls_in_flight[partition] -= 1
@@ -182,8 +185,7 @@ class Worker:
         if partition not in self._restored:
             # aiokafka fetches a new partition while its state is still being restored.
             self._held.setdefault(partition, []).append(record)
-            if self._held_since is None:
-                self._held_since = time.monotonic()
+            self._held_since.setdefault(partition, time.monotonic())
             return
         self._submit(partition, record)
 
@@ -269,6 +271,7 @@ class Worker:
             self._offsets.pop(partition, None)
             self._polls_in_flight.pop(partition, None)
             self._held.pop(partition, None)
+            self._held_since.pop(partition, None)
         self._waiting = {k: v for k, v in self._waiting.items() if k[0] not in partitions}
         self._restored.difference_update(partitions)
         self._state.forget(partitions)
@@ -295,27 +298,22 @@ class Worker:
             for key, state in self._state.items(partition):
                 self._schedule.set(partition, key, state.next_due)
             self._restored.add(partition)
+            self._held_since.pop(partition, None)
             for record in self._held.pop(partition, []):
                 self._submit(partition, record)
-        if not self._held:
-            self._held_since = None
         self._wake.set()
         log.info("owning inbox partitions %s", sorted(partitions))
 
     async def _open(self, partitions: list[int], found: Restored) -> None:
-        """Opens restored partitions for writing: first the records nobody can read go
-        to the dead-letter topic, and orders the status topic brought forward save their
-        state again, so the next restore reads a shorter tail."""
+        """Opens restored partitions for writing, once the records nobody can read are
+        in the dead-letter topic. Orders the status topic brought forward are polled at
+        once, which saves their state: until then, their events are not covered."""
         for record, problem in found.unreadable:
             await self._handler.unreadable(record, problem)
         for partition in partitions:
-            keys = found.caught_up.get(partition, set())
-            states = {key: self._state.get(partition, key) for key in keys}
-            unsaved = {s.event_offset for s in states.values() if s and s.event_offset is not None}
+            states = [self._state.get(partition, key) for key in found.caught_up.get(partition, ())]
+            unsaved = {s.event_offset for s in states if s and s.event_offset is not None}
             self._writer.open(partition, found.status_ends.get(partition, 0), unsaved)
-            for key, state in states.items():
-                if state is not None:
-                    await self._writer.save(partition, key, state, written=False)
 
     def degraded(self) -> list[str]:
         """Accounts whose circuit breaker is open: their queries wait, nothing fails."""
@@ -329,8 +327,9 @@ class Worker:
         if self._restore_problem:
             found.append(self._restore_problem)
         stalled = self._config.worker.stall_after
-        if self._held_since is not None and time.monotonic() - self._held_since > stalled:
-            waiting = sorted(self._held)
+        now = time.monotonic()
+        waiting = sorted(p for p, since in self._held_since.items() if now - since > stalled)
+        if waiting:
             found.append(f"hints of partitions {waiting} wait for their state over {stalled:g}s")
         return found
 

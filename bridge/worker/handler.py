@@ -57,6 +57,12 @@ def decide(previous: OrderState | None, snapshot: OrderSnapshot) -> Decision:
     return Decision.PUBLISH
 
 
+def _claims_other_code(record: InboxRecord | None, known: OrderState) -> bool:
+    """Whether a callback claims another provider code than the one published."""
+    claimed = None if record is None else record.claimed_status
+    return claimed is not None and claimed != str(known.code)
+
+
 @dataclass(frozen=True)
 class _Order:
     """The order one confirmation is about."""
@@ -101,8 +107,9 @@ class HintHandler:
                 await self.unreadable(raw, str(exc))
         if not hints:
             return
-        # A signed callback first: it is the one hint a flood cannot forge.
-        record = next((h for h in hints if h.signature_rule), hints[-1])
+        # One that no flood can forge first: a signed callback, a watch request, a replay.
+        trusted = (h for h in hints if h.signature_rule or h.trigger != "callback")
+        record = next(trusted, hints[-1])
         if len(hints) > 1:
             self._metrics.inc("order_bridge_hints_coalesced_total", provider=record.provider)
         try:
@@ -114,9 +121,13 @@ class HintHandler:
                 )
             return
         order = _Order(partition, account, record.order_id, record)
+        known = self._state.get(partition, order.key)
+        # An order confirmed and still followed is real, and its hints are coalesced: they
+        # need no share of the budget, nor wait behind the polls of made-up ids.
+        followed = known is not None and known.status is not None and known.next_poll is not None
         unverified = record.trigger == "callback" and not record.signature_rule
-        if unverified and not self._budget.take(account.name):
-            await self._poll_soon(order)
+        if unverified and not followed and not self._budget.take(account.name):
+            await self._poll_soon(order, known)
             return
         await self._confirm(order, record.trigger)
 
@@ -153,17 +164,20 @@ class HintHandler:
             return
         await self._confirm(_Order(partition, account, order_id, None), "poll")
 
-    async def _poll_soon(self, order: _Order) -> None:
-        """Over the flood guard's budget: the hint waits for the order's next poll, now."""
+    async def _poll_soon(self, order: _Order, known: OrderState | None) -> None:
+        """Over the flood guard's budget: the hint waits for a poll of its order, now for
+        an order confirmed before; after the first interval for one never confirmed,
+        which may be made up, so that a flood of them is spread out."""
         self._metrics.inc(
             "order_bridge_hints_total", provider=order.account.provider, outcome="deferred"
         )
-        known = self._state.get(order.partition, order.key)
         now = time.time()
-        if known is not None and known.next_poll is not None and known.next_poll <= now:
+        confirmed = known is not None and known.status is not None
+        due = now if confirmed else now + self._config.polling.interval(0)
+        if known is not None and known.next_poll is not None and known.next_poll <= due:
             return
         base = known or OrderState(first_seen=now)
-        await self._save(order.partition, order.key, base, known, next_poll=now)
+        await self._save(order.partition, order.key, base, known, next_poll=due)
 
     async def _confirm(self, order: _Order, trigger: Trigger) -> None:
         written = self._state.get(order.partition, order.key)
@@ -218,7 +232,8 @@ class HintHandler:
         except ProviderError as exc:
             # Transient (only polls get here: the next poll is their retry), or permanent,
             # such as a key rotated at the provider: either way the order stays followed.
-            await self._failed(order, known, written, "poll_failed", exc)
+            outcome = "query_failed" if exc.transient else "rejected"
+            await self._failed(order, known, written, outcome, exc)
             return
 
         decision = decide(written, snapshot)
@@ -232,10 +247,17 @@ class HintHandler:
                 snapshot.status,
                 known.highest or known.status,
             )
-        done = known.status is not None and known.status.is_final
-        polls = known.polls + 1 if decision is Decision.UNCHANGED and not done else 0
-        known = dataclasses.replace(known, polls=polls, misses=0, failures=0)
-        next_poll = None if done else now + polling.interval(polls)
+        # A final order is followed no more, unless the answer may come from a lagging
+        # replica: a lower rank than published, or another code than a callback claims.
+        # Then it is asked again, as long as the polling ladder is.
+        lagging = decision is Decision.STALE or (
+            decision is Decision.UNCHANGED and _claims_other_code(order.record, known)
+        )
+        polls = 0 if decision is Decision.PUBLISH else known.polls + 1
+        final = known.status is not None and known.status.is_final
+        followed = not final or (lagging and polls <= len(polling.intervals))
+        known = dataclasses.replace(known, polls=polls, misses=0, failures=0, refusals=0)
+        next_poll = now + polling.interval(polls) if followed else None
         await self._finish(order, known, written, decision.value, next_poll)
 
     async def _failed(
@@ -250,11 +272,12 @@ class HintHandler:
         backing off; a permanent error is dead-lettered once an incident (and for
         every hint, which is replayable)."""
         permanent = error is not None and not error.transient
-        if permanent and (order.record is not None or known.failures == 0):
+        if permanent and (order.record is not None or known.refusals == 0):
             await self._dead_letter(order, "rejected", str(error))
-        failures = known.failures + 1
-        known = dataclasses.replace(known, failures=failures)
-        next_poll = time.time() + self._config.polling.interval(failures)
+        next_poll = time.time() + self._config.polling.interval(known.failures)
+        known = dataclasses.replace(
+            known, failures=known.failures + 1, refusals=known.refusals + permanent
+        )
         await self._finish(order, known, written, outcome, next_poll)
 
     async def _finish(

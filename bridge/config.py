@@ -28,7 +28,7 @@ from bridge.sealing import card_cipher
 
 CONFIG_ENV = "ORDER_BRIDGE_CONFIG"
 # Numeric settings must be above zero, but for these, where 0 means something.
-_ZERO_ALLOWED = frozenset({"port", "not_found_retries"})
+_ZERO_ALLOWED = frozenset({"port", "http_port", "not_found_retries"})
 ACCOUNT_NAME = re.compile(r"[a-z0-9-]+")
 
 
@@ -98,6 +98,15 @@ class WorkerSettings:
     unverified_hints_per_minute: int = 600
     # Seconds a partition's hints may wait for its state before /readyz reports it stalled.
     stall_after: float = 60.0
+    # A worker-only process (`order-bridge worker`) serves /healthz, /readyz and
+    # /metrics on this port of `[http] host`; 0 picks a free one.
+    http_port: int = 8081
+
+
+@dataclass(frozen=True)
+class LogSettings:
+    # text: one readable line a record; json: one object a line, for log collectors.
+    format: Literal["text", "json"] = "text"
 
 
 @dataclass(frozen=True)
@@ -130,6 +139,7 @@ class Config:
     http: HttpSettings = field(default_factory=HttpSettings)
     worker: WorkerSettings = field(default_factory=WorkerSettings)
     polling: PollSettings = field(default_factory=PollSettings)
+    log: LogSettings = field(default_factory=LogSettings)
     accounts: tuple[Account, ...] = ()
 
     def account(self, provider: str, name: str) -> Account:
@@ -155,7 +165,7 @@ def load_config(path: str | os.PathLike[str] | None = None) -> Config:
 
 def parse_config(data: Mapping[str, Any], env: Mapping[str, str] | None = None) -> Config:
     env = os.environ if env is None else env
-    _reject_unknown(data, {"kafka", "http", "worker", "polling", "accounts"}, "")
+    _reject_unknown(data, {"kafka", "http", "worker", "polling", "log", "accounts"}, "")
     accounts = data.get("accounts", [])
     if not isinstance(accounts, list):
         raise ConfigError("accounts", "must be an array of tables: [[accounts]]")
@@ -169,6 +179,7 @@ def parse_config(data: Mapping[str, Any], env: Mapping[str, str] | None = None) 
         http=build(HttpSettings, _table(data, "http"), "http", env),
         worker=build(WorkerSettings, _table(data, "worker"), "worker", env),
         polling=build(PollSettings, _table(data, "polling"), "polling", env),
+        log=build(LogSettings, _table(data, "log"), "log", env),
         accounts=parsed,
     )
     if not parsed:

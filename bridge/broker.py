@@ -93,6 +93,14 @@ class EmbeddedBroker:
             last = stderr.strip().splitlines()[-1:] or ["no output"]
             raise StartupError(f"embedded broker exited ({process.returncode}): {last[0]}")
 
+    async def until_exited(self) -> None:
+        """Returns only by raising StartupError, saying why, once the broker has exited."""
+        process = self._process
+        if process is not None:
+            await asyncio.to_thread(process.wait)
+        self._check_running()
+        raise StartupError("embedded broker exited")
+
     def stop(self) -> None:
         process, self._process = self._process, None
         if process is None or process.poll() is not None:

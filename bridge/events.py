@@ -21,6 +21,8 @@ Trigger = Literal["callback", "watch", "poll", "replay"]
 TRIGGERS: tuple[Trigger, ...] = ("callback", "watch", "poll", "replay")
 
 EVENT_TYPE = "order.status.changed"
+# The `$id` of the value's JSON Schema, docs/schemas/order-status-event.v1.json.
+DATASCHEMA = "urn:order-bridge:schema:order-status-event:v1"
 # Event ids are UUIDv5 names under this namespace.
 _EVENT_NAMESPACE = uuid.UUID("3f7f8c1e-2b8e-5d5c-9a51-6f1c0c4e8a10")
 
@@ -54,6 +56,7 @@ class StatusEvent:
             ("ce_type", EVENT_TYPE.encode()),
             ("ce_subject", self.snapshot.order_id.encode()),
             ("ce_time", iso(self.observed_at).encode()),
+            ("ce_dataschema", DATASCHEMA.encode()),
             ("content-type", b"application/json"),
         ]
 

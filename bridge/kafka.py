@@ -209,6 +209,8 @@ async def read_to_end(
         if partitions is None:
             partitions = sorted(consumer.partitions_for_topic(topic) or ())
         tps = [TopicPartition(topic, p) for p in partitions]
+        if not tps:
+            return  # a topic that does not exist (yet) has no partitions
         consumer.assign(tps)
         await consumer.seek_to_beginning(*tps)
         for tp in tps:

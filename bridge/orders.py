@@ -83,7 +83,8 @@ class OrderSnapshot:
                 "code": self.provider_status.code,
                 "label": self.provider_status.label,
             },
-            "amount": None if self.amount is None else str(self.amount),
+            # Fixed-point, never exponent notation: "1E+3" is no decimal string.
+            "amount": None if self.amount is None else format(self.amount, "f"),
             "currency": self.currency,
             "details": dict(self.details),
         }

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -22,7 +23,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
-from bridge import providers, redact
+from bridge import openapi, providers, redact
 from bridge.accounts import Account
 from bridge.clock import iso, utc_now
 from bridge.config import Config
@@ -37,7 +38,7 @@ from bridge.errors import (
 )
 from bridge.inbox import KEPT_HEADERS, InboxRecord
 from bridge.kafka import Producer
-from bridge.metrics import Metrics
+from bridge.metrics import CONTENT_TYPE, Metrics
 from bridge.providers.base import Provider, callback_ack
 from bridge.redact import shown
 
@@ -54,7 +55,7 @@ class Readiness:
 
 Ready = Callable[[], Awaitable[Readiness]]
 
-METRICS_TYPE = "text/plain; version=0.0.4"
+METRICS_TYPE = CONTENT_TYPE
 MAX_ORDER_ID = 128
 UNAVAILABLE = "inbox unavailable, retry later"
 
@@ -75,6 +76,7 @@ def create_app(config: Config, producer: Producer, metrics: Metrics, ready: Read
             Route("/healthz", healthz, methods=["GET"]),
             Route("/readyz", receiver.readyz, methods=["GET"]),
             Route("/metrics", receiver.metrics_text, methods=["GET"]),
+            Route("/openapi.json", openapi.serve, methods=["GET"]),
         ],
         exception_handlers={BodyTimeout: body_timed_out, ClientDisconnect: client_went_away},
     )
@@ -103,6 +105,7 @@ class Receiver:
         self.ready = ready
 
     async def callback(self, request: Request) -> Response:
+        started = time.perf_counter()
         provider_name = request.path_params["provider"]
         account_name = request.path_params["account"]
         try:
@@ -110,7 +113,7 @@ class Receiver:
         except UnknownAccount:
             known = provider_name in providers.names()
             label = provider_name if known else "unknown"
-            self._count_callback(label, "unknown", "unknown_account")
+            self._count_callback(label, "unknown", "unknown_account", started)
             log.warning("callback refused: unknown provider or account in %s", _shown(request))
             return PlainTextResponse(f"unknown {'account' if known else 'provider'}\n", 404)
 
@@ -124,7 +127,7 @@ class Receiver:
             if problem:
                 raise MalformedCallback(provider.name, account.name, problem)
         except CallbackRejected as exc:
-            return await self._reject(exc, body)
+            return await self._reject(exc, body, started)
 
         record = InboxRecord(
             provider=provider.name,
@@ -139,9 +142,9 @@ class Receiver:
             signature_rule=hint.signature_rule,
         )
         if not await self._store(record):
-            self._count_callback(provider.name, account.name, "unavailable")
+            self._count_callback(provider.name, account.name, "unavailable", started)
             return PlainTextResponse(UNAVAILABLE + "\n", 503, self._retry_later())
-        self._count_callback(provider.name, account.name, "accepted")
+        self._count_callback(provider.name, account.name, "accepted", started)
         log.info(
             "callback accepted: %s/%s order %s (signature: %s)",
             provider.name,
@@ -207,6 +210,7 @@ class Receiver:
 
     async def _store(self, record: InboxRecord) -> bool:
         """Writes `record` to the inbox; whether Kafka acked it within the inbox timeout."""
+        started = time.perf_counter()
         try:
             await self.producer.send(
                 self.config.kafka.inbox_topic,
@@ -219,13 +223,16 @@ class Receiver:
         except (KafkaError, OSError) as exc:
             outcome, problem = "error", type(exc).__name__
         else:
-            self.metrics.inc("order_bridge_inbox_writes_total", outcome="ok")
-            return True
+            outcome = "ok"
         self.metrics.inc("order_bridge_inbox_writes_total", outcome=outcome)
+        elapsed = time.perf_counter() - started
+        self.metrics.observe("order_bridge_inbox_write_seconds", elapsed, outcome=outcome)
+        if outcome == "ok":
+            return True
         log.warning("inbox write for %s failed (%s): answering 503", shown(record.key), problem)
         return False
 
-    async def _reject(self, exc: CallbackRejected, body: bytes | None) -> Response:
+    async def _reject(self, exc: CallbackRejected, body: bytes | None, started: float) -> Response:
         reason = _REASONS.get(type(exc), "malformed")
         value, headers = dead_letter(
             reason,
@@ -254,7 +261,7 @@ class Receiver:
             )
         else:
             self.metrics.inc("order_bridge_deadletters_total", reason=reason)
-        self._count_callback(exc.provider, exc.account, f"rejected_{exc.status_code}")
+        self._count_callback(exc.provider, exc.account, f"rejected_{exc.status_code}", started)
         log.warning("callback rejected: %s/%s: %s", exc.provider, exc.account, reason)
         # Unread bytes of a body too large are not drained: the connection closes instead.
         headers_out = {"connection": "close"} if body is None else None
@@ -269,9 +276,14 @@ class Receiver:
     def _retry_later(self) -> dict[str, str]:
         return {"retry-after": str(self.config.http.retry_after)}
 
-    def _count_callback(self, provider: str, account: str, outcome: str) -> None:
+    def _count_callback(self, provider: str, account: str, outcome: str, started: float) -> None:
+        """Counts a callback and how long its answer took (`started`: `time.perf_counter()`)."""
         self.metrics.inc(
             "order_bridge_callbacks_total", provider=provider, account=account, outcome=outcome
+        )
+        elapsed = time.perf_counter() - started
+        self.metrics.observe(
+            "order_bridge_callback_seconds", elapsed, provider=provider, outcome=outcome
         )
 
 

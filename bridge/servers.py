@@ -4,6 +4,10 @@ Slow clients are cut off. uvicorn bounds only the wait between requests on a
 kept-alive connection, so `_Protocol` adds the rest: a connection that never sends a
 byte is idle too, and a request's headers must all come within `header_timeout` of
 its first byte. The body is the app's to bound (`bridge.receiver.read_body`).
+
+The socket is bound here, not by uvicorn: uvicorn answers a port in use with
+`sys.exit(3)` from inside its task, which escapes as a traceback after the rest of
+the process has wound down. Here it is one `StartupError` line, at once.
 """
 
 from __future__ import annotations
@@ -11,6 +15,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import socket
 from collections.abc import AsyncIterator, Iterator
 
 import h11
@@ -19,6 +25,7 @@ from starlette.types import ASGIApp
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from bridge.config import HttpSettings
+from bridge.errors import ConfigError, StartupError
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +79,23 @@ class _Protocol(H11Protocol):
             self._header_deadline = None
 
 
+def check_port(port: int, setting: str = "http.port") -> None:
+    """ConfigError naming `setting` unless `port` is 0 (any free one) to 65535."""
+    if not 0 <= port <= 65535:
+        raise ConfigError(setting, f"is {port}: a port is 0 to 65535 (0 picks a free one)")
+
+
+def listen(host: str, port: int, setting: str = "http.port") -> socket.socket:
+    """A socket listening on `host`:`port`; one line saying why when it cannot."""
+    check_port(port, setting)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        return socket.create_server((host, port), family=family, backlog=2048)
+    except OSError as exc:
+        problem = os.strerror(exc.errno) if exc.errno else type(exc).__name__
+        raise StartupError(f"cannot listen on {host}:{port} ({setting}): {problem}") from None
+
+
 @contextlib.asynccontextmanager
 async def serve(
     app: ASGIApp,
@@ -80,9 +104,11 @@ async def serve(
     *,
     header_timeout: float = HttpSettings.header_timeout,
     idle_timeout: float = HttpSettings.idle_timeout,
+    setting: str = "http.port",
 ) -> AsyncIterator[str]:
     """Serves `app` until the block ends; yields its base URL (port 0 picks a free one).
 
+    A port out of range is a ConfigError naming `setting`; one taken, a StartupError.
     A connection is closed when it sends nothing for `idle_timeout` seconds between
     requests, or takes over `header_timeout` seconds to send a request's headers (408).
     """
@@ -105,16 +131,20 @@ async def serve(
         # Shutdown waits this long for requests in flight, then cancels them.
         timeout_graceful_shutdown=5,
     )
+    sock = listen(host, port, setting)
+    bound = sock.getsockname()[1]
     server = _Server(config)
-    task = asyncio.create_task(server.serve())
-    while not server.started:
-        if task.done():
-            task.result()  # re-raises why it could not start (port taken, ...)
-            raise RuntimeError(f"server on {host}:{port} stopped before it started")
-        await asyncio.sleep(0.01)
-    bound = server.servers[0].sockets[0].getsockname()[1]
+    task = asyncio.create_task(server.serve(sockets=[sock]))
     try:
+        while not server.started:
+            if task.done():
+                task.result()
+                raise StartupError(f"the server on {host}:{bound} stopped before it started")
+            await asyncio.sleep(0.01)
         yield f"http://{host}:{bound}"
     finally:
         server.should_exit = True
-        await task
+        try:
+            await task
+        finally:
+            sock.close()

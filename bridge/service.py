@@ -12,12 +12,14 @@ import uuid
 from types import TracebackType
 
 import httpx
+from starlette.applications import Starlette
 
 from bridge import __version__
 from bridge.config import Config
 from bridge.errors import StartupError
 from bridge.kafka import Producer, ensure_topics
 from bridge.metrics import Metrics
+from bridge.probes import create_probe_app
 from bridge.receiver import Readiness, create_app
 from bridge.servers import serve
 from bridge.worker import Worker
@@ -34,7 +36,9 @@ class Bridge:
         self.metrics = Metrics()
         self.producer = Producer(config.kafka)
         self.worker: Worker | None = None
+        # The receiver's base URL; a worker-only bridge serves its probes on `probe_url`.
         self.url: str | None = None
+        self.probe_url: str | None = None
         # Names this bridge to providers (User-Agent), so their logs tell instances apart.
         self.instance = f"{socket.gethostname()}/{os.getpid()}/{uuid.uuid4().hex[:6]}"
         self._with_receiver = receiver
@@ -53,6 +57,11 @@ class Bridge:
         await ensure_topics(self.config.kafka)
         await self.producer.start()
         self._stack.push_async_callback(self.producer.stop)
+        if self._with_worker and not self._with_receiver:
+            # Up before the worker joins its group and down after it left: /healthz
+            # answers throughout, /readyz says what is not running yet.
+            app = create_probe_app(self.metrics, self.readiness)
+            self.probe_url = await self._serve(app, self.config.worker.http_port)
         if self._with_worker:
             # Gateways bound each account's queries in flight; the pool must not queue
             # them again (httpx's default is 100 connections, 20 kept alive).
@@ -70,16 +79,20 @@ class Bridge:
             self._stack.push_async_callback(self.worker.stop)
         if self._with_receiver:
             app = create_app(self.config, self.producer, self.metrics, self.readiness)
-            http_settings = self.config.http
-            self.url = await self._stack.enter_async_context(
-                serve(
-                    app,
-                    http_settings.host,
-                    http_settings.port,
-                    header_timeout=http_settings.header_timeout,
-                    idle_timeout=http_settings.idle_timeout,
-                )
+            self.url = await self._serve(app, self.config.http.port)
+
+    async def _serve(self, app: Starlette, port: int) -> str:
+        """Serves `app` on `[http] host` and `port` until the bridge stops; its base URL."""
+        settings = self.config.http
+        return await self._stack.enter_async_context(
+            serve(
+                app,
+                settings.host,
+                port,
+                header_timeout=settings.header_timeout,
+                idle_timeout=settings.idle_timeout,
             )
+        )
 
     async def __aexit__(
         self,
@@ -111,11 +124,13 @@ async def run(config: Config, *, receiver: bool = True, worker: bool = True) -> 
     async with Bridge(config, receiver=receiver, worker=worker) as bridge:
         parts = " and ".join(p for p, on in (("receiver", receiver), ("worker", worker)) if on)
         where = f" on {bridge.url}" if bridge.url else ""
-        log.warning("order-bridge %s running%s", parts, where)
+        if bridge.probe_url:
+            where = f"; /healthz, /readyz and /metrics on {bridge.probe_url}"
+        log.info("order-bridge %s running%s", parts, where)
         failure = await _until_stopped(stop, bridge.worker)
         if failure is not None:
             raise StartupError(f"the worker stopped: {failure}; exiting")
-        log.warning("stopping: finishing in-flight work")
+        log.info("stopping: finishing in-flight work")
 
 
 async def _until_stopped(stop: asyncio.Event, worker: Worker | None) -> str | None:

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.errors import KafkaError
+from aiokafka.structs import ConsumerRecord
 
 from bridge.config import KafkaSettings
+from bridge.errors import StartupError
 from bridge.kafka import client_options, stop_consumer
 
 
@@ -33,30 +36,72 @@ class Event:
         )
 
 
+@contextlib.contextmanager
+def kafka_errors(settings: KafkaSettings) -> Iterator[None]:
+    """Kafka's errors as one StartupError line (exit code 1), for the commands that read."""
+    try:
+        yield
+    except (KafkaError, OSError) as exc:
+        raise StartupError(
+            f"Kafka at {settings.bootstrap_servers} is not reachable: {type(exc).__name__}"
+        ) from None
+
+
+async def partitions_of(settings: KafkaSettings, topic: str) -> list[int]:
+    """The partitions of `topic`; none when it does not exist."""
+    consumer = AIOKafkaConsumer(**client_options(settings), enable_auto_commit=False)
+    try:
+        with kafka_errors(settings):
+            await consumer.start()
+            return sorted(consumer.partitions_for_topic(topic) or ())
+    finally:
+        await stop_consumer(consumer)
+
+
+@contextlib.asynccontextmanager
+async def follow_topic(
+    settings: KafkaSettings, topic: str, *, from_beginning: bool
+) -> AsyncIterator[AsyncIterator[ConsumerRecord]]:
+    """Yields an iterator over the records of `topic` as they arrive, without a group,
+    from its beginning or its end. A topic that does not exist is a StartupError."""
+    consumer = AIOKafkaConsumer(
+        **client_options(settings), enable_auto_commit=False, fetch_max_wait_ms=100
+    )
+    try:
+        with kafka_errors(settings):
+            await consumer.start()
+            found = consumer.partitions_for_topic(topic) or ()
+            if not found:
+                raise StartupError(f"topic {topic} does not exist: has the bridge run yet?")
+            partitions = [TopicPartition(topic, p) for p in sorted(found)]
+            consumer.assign(partitions)
+            if from_beginning:
+                await consumer.seek_to_beginning(*partitions)
+            else:
+                await consumer.seek_to_end(*partitions)
+        yield _records(consumer)
+    finally:
+        await stop_consumer(consumer)
+
+
+async def _records(consumer: AIOKafkaConsumer) -> AsyncIterator[ConsumerRecord]:
+    async for record in consumer:
+        yield record
+
+
 @contextlib.asynccontextmanager
 async def follow(
     settings: KafkaSettings, *, from_beginning: bool
 ) -> AsyncIterator[AsyncIterator[Event]]:
     """Yields an iterator over the status topic's events, as they arrive, without a group."""
-    consumer = AIOKafkaConsumer(
-        **client_options(settings), enable_auto_commit=False, fetch_max_wait_ms=100
-    )
-    try:
-        await consumer.start()
-        topic = settings.status_topic
-        partitions = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()]
-        consumer.assign(partitions)
-        if from_beginning:
-            await consumer.seek_to_beginning(*partitions)
-        else:
-            await consumer.seek_to_end(*partitions)
-        yield _events(consumer)
-    finally:
-        await stop_consumer(consumer)
+    async with follow_topic(
+        settings, settings.status_topic, from_beginning=from_beginning
+    ) as records:
+        yield _events(records)
 
 
-async def _events(consumer: AIOKafkaConsumer) -> AsyncIterator[Event]:
-    async for record in consumer:
+async def _events(records: AsyncIterator[ConsumerRecord]) -> AsyncIterator[Event]:
+    async for record in records:
         try:
             value = orjson.loads(record.value)
         except (orjson.JSONDecodeError, TypeError):

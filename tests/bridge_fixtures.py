@@ -38,6 +38,7 @@ FAST_WORKER = WorkerSettings(
     heartbeat_interval=0.5,
     drain_timeout=2.0,
     breaker_cooldown=0.5,
+    http_port=0,  # worker-only processes serve their probes on a free port
 )
 
 

@@ -5,15 +5,36 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from jsonschema import Draft202012Validator
+from jsonschema.exceptions import best_match
 
 from bridge.config import KafkaSettings
 from bridge.kafka import stop_consumer
+
+STATUS_SCHEMA_PATH = Path(__file__).parent.parent / "docs/schemas/order-status-event.v1.json"
+STATUS_SCHEMA: dict[str, Any] = orjson.loads(STATUS_SCHEMA_PATH.read_bytes())
+_status_validator = Draft202012Validator(STATUS_SCHEMA)
+
+
+def check_status_event(headers: Mapping[str, str], value: Any, where: str) -> None:
+    """Fails the test unless a status event names its JSON Schema and matches it: every
+    status record the suite reads goes through here."""
+    schema = headers.get("ce_dataschema")
+    if schema != STATUS_SCHEMA["$id"]:
+        raise AssertionError(f"{where}: ce_dataschema {schema!r}, expected {STATUS_SCHEMA['$id']}")
+    error = best_match(_status_validator.iter_errors(value))
+    if error is not None:
+        raise AssertionError(
+            f"{where}: the status event does not match {STATUS_SCHEMA_PATH.name}: "
+            f"{error.message} at {error.json_path}\n{value!r}"
+        )
 
 
 @dataclass(frozen=True)
@@ -62,16 +83,18 @@ class TopicReader:
             batches = await self._consumer.getmany(timeout_ms=100)
             for tp_records in batches.values():
                 for r in tp_records:
-                    self.records.append(
-                        Record(
-                            topic=r.topic,
-                            partition=r.partition,
-                            offset=r.offset,
-                            key=r.key.decode() if r.key else "",
-                            value=None if r.value is None else orjson.loads(r.value),
-                            headers={k: v.decode() for k, v in r.headers},
-                        )
+                    record = Record(
+                        topic=r.topic,
+                        partition=r.partition,
+                        offset=r.offset,
+                        key=r.key.decode() if r.key else "",
+                        value=None if r.value is None else orjson.loads(r.value),
+                        headers={k: v.decode() for k, v in r.headers},
                     )
+                    if "ce_type" in record.headers:
+                        where = f"{r.topic}/{r.partition}/{r.offset}"
+                        check_status_event(record.headers, record.value, where)
+                    self.records.append(record)
         return self.records
 
     async def wait_for_count(self, count: int, timeout: float = 20.0) -> list[Record]:

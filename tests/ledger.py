@@ -39,7 +39,7 @@ import orjson
 from bridge.config import KafkaSettings
 from bridge.kafka import ensure_topics, read_to_end
 from bridge.sandbox import Sandbox
-from tests.kafka import Record, TopicReader
+from tests.kafka import Record, TopicReader, check_status_event
 
 # The contract's status mapping: provider code -> status. Anything else is `unknown`.
 STATUS_TABLES: dict[str, dict[int, str]] = {
@@ -285,6 +285,8 @@ class Ledger:
                     value=orjson.loads(r.value) if r.value else {},
                 )
             )
+        for e in events:
+            check_status_event(e.headers, e.value, f"{e.key} at {e.partition}/{e.offset}")
         self.events = sorted(events, key=lambda e: (e.partition, e.offset))
         deadletters = []
         async for r in read_to_end(self.settings, self.settings.deadletter_topic):

@@ -87,7 +87,14 @@ class BridgeProcess:
         self.incarnation += 1
         self.log = self.log_dir / f"{self.name}.{self.incarnation}.log"
         self.url = None
-        env = {**os.environ, "PYTHONPATH": str(ROOT), **self.env, **(extra_env or {})}
+        # faulthandler: a process that hangs dumps its stacks on SIGABRT (see terminate).
+        env = {
+            **os.environ,
+            "PYTHONPATH": str(ROOT),
+            "PYTHONFAULTHANDLER": "1",
+            **self.env,
+            **(extra_env or {}),
+        }
         with self.log.open("wb") as out:
             self.process = await asyncio.create_subprocess_exec(
                 sys.executable,
@@ -135,8 +142,18 @@ class BridgeProcess:
         return await self.process.wait()
 
     async def terminate(self, timeout: float = 30.0) -> int:
-        """SIGTERM, as an operator stops it; SIGKILL if it has not ended after `timeout`."""
+        """SIGTERM, as an operator stops it; SIGKILL if it has not ended after `timeout`.
+
+        An incarnation just started is first let run: a SIGTERM while Python still
+        imports ends it by the signal's default action, before the bridge's handler."""
         assert self.process is not None
+        try:
+            await self.wait_running(timeout)
+        except AssertionError:
+            if self.alive:  # hung while starting: its stacks go to its log
+                with contextlib.suppress(ProcessLookupError):
+                    self.process.send_signal(signal.SIGABRT)
+                return await self.process.wait()
         with contextlib.suppress(ProcessLookupError):
             self.process.send_signal(signal.SIGTERM)
         try:

@@ -47,11 +47,11 @@ def gateways_for(http: httpx.AsyncClient, metrics: Metrics, failures: int) -> Ga
 
 
 def gauge(metrics: Metrics, account: Account) -> str:
-    """The breaker's line of the /metrics text."""
+    """The value in the breaker's line of the /metrics text."""
     labels = f'account="{account.name}",provider="{account.provider}"'
     prefix = f"order_bridge_breaker_open{{{labels}}} "
     (line,) = [line for line in metrics.render().splitlines() if line.startswith(prefix)]
-    return line.removeprefix(prefix)
+    return line.removeprefix(prefix).removesuffix(".0")
 
 
 async def test_failures_in_a_row_open_the_circuit_and_an_answer_closes_it(

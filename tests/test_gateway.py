@@ -314,7 +314,7 @@ async def test_a_refused_batch_is_split_until_the_order_at_fault_is_alone(
     assert [len(q.order_ids) for q in split] == [20, 10, 10, 5, 2, 3, 1, 2, 1, 1, 5]
     assert [q.outcome == "refused" for q in split] == [ids[13] in q.order_ids for q in split]
     labels = {"provider": "kasushou", "account": kasushou.name}
-    assert metrics.value("order_bridge_queries_total", outcome="ProviderRejected", **labels) == 6
+    assert metrics.value("order_bridge_queries_total", outcome="rejected", **labels) == 6
     assert metrics.value("order_bridge_queries_total", outcome="ok", **labels) == 5
 
 

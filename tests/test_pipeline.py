@@ -56,6 +56,7 @@ async def test_a_callback_gives_one_event_in_the_contracts_shape(
     assert event.headers["ce_type"] == "order.status.changed"
     assert event.headers["ce_subject"] == order_id
     assert ISO_UTC.fullmatch(event.headers["ce_time"])
+    assert event.headers["ce_dataschema"] == "urn:order-bridge:schema:order-status-event:v1"
     assert event.headers["content-type"] == "application/json"
     assert re.fullmatch(r"[0-9a-f-]{36}", event.headers["ce_id"])
     value = event.value

@@ -463,9 +463,9 @@ async def test_health_readiness_and_metrics(receiver: RunningReceiver) -> None:
 
 
 def series(name: str, value: int, **labels: str) -> str:
-    """One line of the Prometheus text format."""
+    """One line of the Prometheus text format, as prometheus-client writes it."""
     inner = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
-    return f"{name}{{{inner}}} {value}"
+    return f"{name}{{{inner}}} {float(value)}"
 
 
 # -- version skew ------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from datetime import UTC, datetime
 from decimal import Decimal
 
@@ -153,8 +154,20 @@ def test_event_value_and_headers() -> None:
     assert value["amount"] == "0.40"
     assert value["observed_at"] == "2026-11-22T10:00:00.123Z"
     assert value["previous_status"] == "processing"
-    assert dict(e.headers())["ce_time"] == b"2026-11-22T10:00:00.123Z"
-    assert dict(e.headers())["ce_id"] == e.id.encode()
+    headers = dict(e.headers())
+    assert list(headers) == [
+        "ce_specversion",
+        "ce_id",
+        "ce_source",
+        "ce_type",
+        "ce_subject",
+        "ce_time",
+        "ce_dataschema",
+        "content-type",
+    ]
+    assert headers["ce_time"] == b"2026-11-22T10:00:00.123Z"
+    assert headers["ce_id"] == e.id.encode()
+    assert headers["ce_dataschema"] == b"urn:order-bridge:schema:order-status-event:v1"
 
 
 def test_inbox_record_round_trip_and_rejects_garbage() -> None:
@@ -174,12 +187,15 @@ def test_backoff_doubles_up_to_the_cap_with_jitter() -> None:
 
 def test_metrics_render_in_prometheus_text_format() -> None:
     metrics = Metrics()
-    metrics.inc("order_bridge_callbacks_total", provider="lemft", outcome='odd"label')
-    metrics.set("order_bridge_hints_in_flight", 3)
+    labels = {"provider": "lemft", "account": 'odd"label\n', "outcome": "accepted"}
+    metrics.inc("order_bridge_callbacks_total", **labels)
+    metrics.set("order_bridge_breaker_open", 1, provider="lemft", account="a")
     text = metrics.render()
     assert "# TYPE order_bridge_callbacks_total counter" in text
-    assert 'order_bridge_callbacks_total{outcome="odd\\"label",provider="lemft"} 1' in text
-    assert "order_bridge_hints_in_flight 3" in text
+    labelled = 'account="odd\\"label\\n",outcome="accepted",provider="lemft"'
+    assert f"order_bridge_callbacks_total{{{labelled}}} 1.0" in text
+    assert 'order_bridge_breaker_open{account="a",provider="lemft"} 1.0' in text
+    assert metrics.value("order_bridge_callbacks_total", **labels) == 1
     with pytest.raises(KeyError):
         metrics.inc("no_such_metric")
 
@@ -264,3 +280,11 @@ def test_state_records_of_other_versions_are_read() -> None:
 def test_unreadable_state_records_are_a_value_error(value: bytes) -> None:
     with pytest.raises(ValueError, match="not a state record"):
         OrderState.decode(value)
+
+
+@pytest.mark.parametrize(
+    ("amount", "text"), [("1E+3", "1000"), ("0.0000001", "0.0000001"), ("375.280", "375.280")]
+)
+def test_amounts_are_fixed_point_decimal_strings(amount: str, text: str) -> None:
+    order = dataclasses.replace(snapshot(Status.SUCCEEDED), amount=Decimal(amount))
+    assert order.to_json()["amount"] == text

@@ -135,7 +135,7 @@ class AnswerReader:
 def jsonable(value: Any) -> Any:
     """`value` with every Decimal turned into its exact string, ready for JSON."""
     if isinstance(value, Decimal):
-        return str(value)
+        return format(value, "f")
     if isinstance(value, dict):
         return {k: jsonable(v) for k, v in value.items()}
     if isinstance(value, list):

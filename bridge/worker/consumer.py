@@ -18,7 +18,7 @@ from functools import partial
 
 import httpx
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
-from aiokafka.errors import KafkaError
+from aiokafka.errors import IllegalStateError, KafkaError
 from aiokafka.protocol.group import LeaveGroupRequest
 from aiokafka.structs import ConsumerRecord
 
@@ -90,6 +90,14 @@ class Worker:
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
+        # For the metrics: the offset last committed of each partition, and when each
+        # hint taken and not finished was written to the inbox (epoch s), by offset.
+        self._committed: dict[int, int] = {}
+        self._written_at: dict[int, dict[int, float]] = {}
+        metrics.sample("order_bridge_hints_in_flight", lambda: self.in_flight)
+        metrics.sample("order_bridge_oldest_hint_age_seconds", self._oldest_hint_age)
+        metrics.sample("order_bridge_orders_known", lambda: len(self._state))
+        metrics.sample("order_bridge_orders_followed", self._followed)
 
     @property
     def running(self) -> bool:
@@ -161,8 +169,7 @@ class Worker:
                 self._polls_in_flight[partition] = self._polls_in_flight.get(partition, 0) + 1
                 lanes = self._lanes.setdefault(partition, OrderLanes())
                 lanes.submit(key, partial(self._poll_one, partition, key))
-            self._metrics.set("order_bridge_orders_known", len(self._state))
-            self._metrics.set("order_bridge_orders_followed", len(self._schedule))
+            await self._report_lag()
             next_due = self._schedule.next_due()
             # Handlers schedule new polls without waking this loop: look again soon.
             wait = 0.25 if next_due is None else min(0.25, max(0.01, next_due - time.time()))
@@ -182,6 +189,7 @@ class Worker:
     def _take(self, partition: int, record: ConsumerRecord) -> None:
         offsets = self._offsets.setdefault(partition, PartitionOffsets())
         offsets.started(record.offset)
+        self._written_at.setdefault(partition, {})[record.offset] = record.timestamp / 1000
         if partition not in self._restored:
             # aiokafka fetches a new partition while its state is still being restored.
             self._held.setdefault(partition, []).append(record)
@@ -203,7 +211,6 @@ class Worker:
             _, account, order_id = key.split("/", 2)
             self._gateways.hurry(account, order_id)
         lanes.submit(key, partial(self._handle, partition, key))
-        self._metrics.set("order_bridge_hints_in_flight", self.in_flight)
 
     async def _handle(self, partition: int, key: str) -> None:
         # Hints that arrive from now on wait for a query of their own: this one may
@@ -221,10 +228,11 @@ class Worker:
             offset = records[0].offset if records else -1
             log.exception("hint at inbox partition %d offset %d failed", partition, offset)
         offsets = self._offsets.get(partition)
+        written_at = self._written_at.get(partition, {})
         if offsets is not None:
             for record in records:
                 offsets.finished(record.offset)
-        self._metrics.set("order_bridge_hints_in_flight", self.in_flight)
+                written_at.pop(record.offset, None)
 
     def _apply_backpressure(self) -> None:
         # Pausing, rather than not polling, keeps the consumer's group membership alive.
@@ -252,6 +260,7 @@ class Worker:
         for tp, offset in ready.items():
             if (partition := self._offsets.get(tp.partition)) is not None:
                 partition.committed(offset)
+                self._committed[tp.partition] = offset
 
     async def _release(self, partitions: list[int]) -> None:
         """Finishes (within drain_timeout) or hands back the hints of `partitions`."""
@@ -272,6 +281,9 @@ class Worker:
             self._polls_in_flight.pop(partition, None)
             self._held.pop(partition, None)
             self._held_since.pop(partition, None)
+            self._committed.pop(partition, None)
+            self._written_at.pop(partition, None)
+            self._metrics.forget("order_bridge_inbox_lag", partition=str(partition))
         self._waiting = {k: v for k, v in self._waiting.items() if k[0] not in partitions}
         self._restored.difference_update(partitions)
         self._state.forget(partitions)
@@ -314,6 +326,38 @@ class Worker:
             states = [self._state.get(partition, key) for key in found.caught_up.get(partition, ())]
             unsaved = {s.event_offset for s in states if s and s.event_offset is not None}
             self._writer.open(partition, found.status_ends.get(partition, 0), unsaved)
+
+    async def _report_lag(self) -> None:
+        """Sets each owned partition's inbox lag: its high watermark (known once fetched
+        from) minus the offset committed, or the position read from before a commit."""
+        assigned = self._consumer.assignment()
+        highwaters = {tp: self._consumer.highwater(tp) for tp in assigned}
+        for tp, highwater in highwaters.items():
+            if highwater is None:
+                continue
+            done = self._committed.get(tp.partition)
+            if done is None:
+                # Valid once the partition was fetched from: no wait, unless reset.
+                with contextlib.suppress(IllegalStateError, TimeoutError):
+                    async with asyncio.timeout(1):
+                        done = await self._consumer.position(tp)
+            if done is not None:
+                lag = max(0, highwater - done)
+                self._metrics.set("order_bridge_inbox_lag", lag, partition=str(tp.partition))
+
+    def _oldest_hint_age(self) -> float:
+        """Seconds since the oldest hint not finished was written to the inbox; 0 if none."""
+        # Offsets are taken in order, so each partition's first is its oldest.
+        firsts = [next(iter(taken.values())) for taken in self._written_at.values() if taken]
+        return max(0.0, time.time() - min(firsts)) if firsts else 0.0
+
+    def _followed(self) -> int:
+        """Orders whose next poll is scheduled, not those only kept until forgotten."""
+        return sum(
+            state.next_poll is not None
+            for partition in self._restored
+            for _, state in self._state.items(partition)
+        )
 
     def degraded(self) -> list[str]:
         """Accounts whose circuit breaker is open: their queries wait, nothing fails."""

@@ -25,7 +25,7 @@ from bridge import providers
 from bridge.accounts import Account
 from bridge.config import WorkerSettings
 from bridge.errors import OrderNotFound, ProviderRejected
-from bridge.metrics import Metrics
+from bridge.metrics import Metrics, query_outcome
 from bridge.orders import OrderSnapshot
 from bridge.query import query_orders
 from bridge.worker.breaker import CircuitBreaker, State
@@ -336,22 +336,28 @@ class Gateways:
         )
 
     def _sender(self, account: Account) -> Send:
-        def count(outcome: str) -> None:
+        def count(error: Exception | None, started: float) -> None:
+            outcome = query_outcome(error)
             self._metrics.inc(
                 "order_bridge_queries_total",
                 provider=account.provider,
                 account=account.name,
                 outcome=outcome,
             )
+            elapsed = time.perf_counter() - started
+            self._metrics.observe(
+                "order_bridge_query_seconds", elapsed, provider=account.provider, outcome=outcome
+            )
 
         async def send(order_ids: Sequence[str]) -> list[OrderSnapshot]:
             # Counted once a query, however many ids it carries: that is what the rate limits.
+            started = time.perf_counter()
             try:
                 snapshots = await query_orders(self._http, account, order_ids)
             except Exception as exc:
-                count(type(exc).__name__)
+                count(exc, started)
                 raise
-            count("ok")
+            count(None, started)
             return snapshots
 
         return send

@@ -17,12 +17,13 @@ from dataclasses import dataclass
 from aiokafka.structs import ConsumerRecord
 
 from bridge.accounts import Account
-from bridge.clock import iso, utc_now
+from bridge.clock import epoch_from_iso, iso, utc_now
 from bridge.config import Config
 from bridge.deadletter import Reason, dead_letter, unreadable_dead_letter
 from bridge.errors import OrderNotFound, ProviderError, UnknownAccount
 from bridge.events import StatusEvent, Trigger
 from bridge.inbox import InboxRecord
+from bridge.logs import order_fields
 from bridge.metrics import Metrics
 from bridge.orders import OrderSnapshot, order_key
 from bridge.redact import shown
@@ -312,6 +313,8 @@ class HintHandler:
         )
         published = await self._writer.publish(order.partition, order.key, event, known)
         self._metrics.inc("order_bridge_events_published_total", status=snapshot.status.value)
+        if trigger == "callback" and order.record is not None:
+            self._observe_callback_to_event(order.account.provider, order.record.received_at)
         log.info(
             "%s: %s -> %s (%s, ce_id %s)",
             shown(order.key),
@@ -319,8 +322,17 @@ class HintHandler:
             snapshot.status,
             trigger,
             event.id,
+            extra={**order_fields(order.key), "ce_id": event.id},
         )
         return published
+
+    def _observe_callback_to_event(self, provider: str, received_at: str) -> None:
+        try:
+            received = epoch_from_iso(received_at) or 0.0
+        except ValueError:
+            return  # written by something other than a receiver: no latency to tell
+        waited = max(0.0, time.time() - received)
+        self._metrics.observe("order_bridge_callback_to_event_seconds", waited, provider=provider)
 
     async def _save(
         self,
@@ -377,4 +389,7 @@ class HintHandler:
         key = order_key(provider, account, order_id)
         await self._writer.send(self._config.kafka.deadletter_topic, key, value, headers)
         self._metrics.inc("order_bridge_deadletters_total", reason=reason)
-        log.warning("dead-lettered %s: %s: %s", shown(key), reason, shown(detail, 300))
+        fields = order_fields(key)
+        log.warning(
+            "dead-lettered %s: %s: %s", shown(key), reason, shown(detail, 300), extra=fields
+        )

@@ -73,6 +73,8 @@ class BridgeProcess:
         self.env = dict(env)
         self.log_dir = log_dir
         self.incarnation = 0
+        # The log of an incarnation that never ran: it hung while starting (see terminate).
+        self.hung: Path | None = None
         self.process: asyncio.subprocess.Process | None = None
         self.log: Path = log_dir / f"{name}.0.log"
         self.url: str | None = None
@@ -148,9 +150,10 @@ class BridgeProcess:
         imports ends it by the signal's default action, before the bridge's handler."""
         assert self.process is not None
         try:
-            await self.wait_running(timeout)
+            await self.wait_running(min(timeout, 15.0))
         except AssertionError:
-            if self.alive:  # hung while starting: its stacks go to its log
+            if self.alive:  # hung while starting: faulthandler writes its stacks to its log
+                self.hung = self.log
                 with contextlib.suppress(ProcessLookupError):
                     self.process.send_signal(signal.SIGABRT)
                 return await self.process.wait()

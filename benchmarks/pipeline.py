@@ -1,23 +1,30 @@
 """The bridge end to end on loopback: callbacks in through the receiver, status events out.
 
-    .venv/bin/python benchmarks/pipeline.py [--orders 3000] [--concurrency 32] [--save-baseline]
+    .venv/bin/python benchmarks/pipeline.py [--orders 3000] [--concurrency 32]
+        [--provider-latency MS] [--mode serve|split] [--save-baseline]
 
-It starts the embedded broker, the sandbox providers (in this process) and a bridge
-(receiver and worker, `Bridge` in an interpreter of its own: this script, `--phase
-bridge`), so that the load and the providers do not share the bridge's event loop.
-The accounts' query limits are set far above what the run needs: the provider's rate
-limits are not what is measured.
+It starts the embedded broker, the sandbox providers (in this process) and the bridge
+as real processes from this tree: `order-bridge serve` (`--mode serve`, receiver and
+worker in one process) or `order-bridge receiver` plus `order-bridge worker` (`--mode
+split`), so that the load and the providers do not share the bridge's event loop. The
+accounts' query limits are set far above what the run needs: the provider's rate limits
+are not what is measured. `--provider-latency` makes the sandbox answer each query that
+many milliseconds late (`Faults(latency=...)`).
 
 N orders are created in the sandbox, a third per provider, all succeeded. After a
 warm-up (one order per provider, through the whole pipeline, not counted), their
 correctly signed callbacks are posted by C concurrent HTTP clients, each with one
-keep-alive connection, while a reader follows the status topic. The run fails (exit 1,
-`FAILED: ...`) if a callback is not answered 200, if not all N events arrive within
-EVENT_TIMEOUT seconds of the last answer, or if an order gets more than one event
-(watched for GRACE seconds more) or one that is not `succeeded`.
+keep-alive connection, while a reader follows the status topic.
 
-The figures are printed beside those of `benchmarks/pipeline_baseline.json`, if saved.
-See benchmarks/README.md.
+Ledger: sent = accepted (200) + refused (anything else, or no answer); accepted = events
++ dead letters (the worker's records, with a reason, in the dead-letter topic). The run
+is VOID (exit 1) when it does not balance: an accepted order with neither an event nor
+a dead letter EVENT_TIMEOUT seconds after the last answer. It FAILS (exit 1) if an
+order gets more than one event (watched for GRACE seconds more) or one that is not
+`succeeded`.
+
+The figures are printed beside those of `benchmarks/pipeline_baseline.json`, if saved
+(compared only for the same orders, clients, latency and mode). See benchmarks/README.md.
 """
 
 from __future__ import annotations
@@ -26,12 +33,7 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
-import json
-import logging
-import math
 import os
-import signal
-import sys
 import tempfile
 import time
 import uuid
@@ -40,19 +42,20 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import httpx
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from baseline_report import MIB, Figure, load_baseline, report, rss_bytes, save_baseline
+from bench_procs import cpu_seconds, percentile, role_process, wait_ready
 from followed_orders import PARTITIONS, settings_for
 
-from bridge.broker import embedded_broker
+from bridge.broker import embedded_broker, free_port
 from bridge.config import Config, HttpSettings, WorkerSettings
 from bridge.dev import demo_accounts
 from bridge.errors import StartupError
-from bridge.sandbox import Sandbox
+from bridge.sandbox import Faults, Sandbox
 from bridge.servers import serve
-from bridge.service import Bridge, stop_on_signals
 from bridge.tail import Event, each_event
 
 SCRIPT = Path(__file__).resolve()
@@ -82,23 +85,36 @@ FIGURES = (
     Figure("answer_p99_ms", "callback answer latency p99, ms", "lower", 1, 40),
     Figure("e2e_p50_ms", "200 -> event readable, p50 ms", "lower", 1, 30),
     Figure("e2e_p99_ms", "200 -> event readable, p99 ms", "lower", 1, 40),
+    Figure("c2e_p50_ms", "callback sent -> event readable, p50 ms", "lower", 1, 30),
+    Figure("c2e_p99_ms", "callback sent -> event readable, p99 ms", "lower", 1, 40),
+    Figure("c2e_p999_ms", "callback sent -> event readable, p99.9 ms", "lower", 1, 50),
     Figure("events_per_s", "events/s overall (first post -> last event)", "higher", 0, 20),
     Figure("queries_per_order", "provider queries / order", "", 2, 0),
-    Figure("bridge_peak_rss_mib", "bridge process, peak RSS MiB", "lower", 1, 10),
-    Figure("bridge_cpu_pct", "bridge process CPU, % of one core", "", 0, 0),
+    Figure("bridge_peak_rss_mib", "bridge process(es), peak RSS MiB", "lower", 1, 10),
+    Figure("bridge_cpu_pct", "bridge process(es) CPU, % of one core", "", 0, 0),
     Figure("driver_cpu_pct", "clients + sandbox + reader CPU, % of one core", "", 0, 0),
     Figure("broker_cpu_pct", "broker CPU, % of one core", "", 0, 0),
+    Figure("bridge_cpu_ms", "bridge process(es) CPU ms / order", "", 2, 0),
+    Figure("driver_cpu_ms", "clients + sandbox + reader CPU ms / order", "", 2, 0),
+    Figure("broker_cpu_ms", "broker CPU ms / order", "", 2, 0),
 )
+SPLIT_FIGURES = (
+    Figure("receiver_cpu_ms", "receiver process CPU ms / order", "", 2, 0),
+    Figure("worker_cpu_ms", "worker process CPU ms / order", "", 2, 0),
+)
+MODES = {"serve": ("serve",), "split": ("receiver", "worker")}
 
 
-# -- the bridge, in an interpreter of its own -----------------------------------------------
+# -- the bridge, as processes of its own -----------------------------------------------------
 
 
-def bridge_config(bootstrap: str, sandbox_url: str, suffix: str) -> Config:
+def bridge_config(
+    bootstrap: str, sandbox_url: str, suffix: str, port: int = 0, worker_port: int = 0
+) -> Config:
     return Config(
         kafka=settings_for(bootstrap, suffix),
-        http=HttpSettings(host="127.0.0.1", port=0),
-        worker=WorkerSettings(group_id=f"bench-{suffix}"),
+        http=HttpSettings(host="127.0.0.1", port=port),
+        worker=WorkerSettings(group_id=f"bench-{suffix}", http_port=worker_port),
         accounts=tuple(
             dataclasses.replace(
                 account, base_url=f"{sandbox_url}/{account.provider}", **QUERY_LIMITS
@@ -106,70 +122,6 @@ def bridge_config(bootstrap: str, sandbox_url: str, suffix: str) -> Config:
             for account in demo_accounts()
         ),
     )
-
-
-async def phase_bridge(bootstrap: str, sandbox_url: str, suffix: str) -> None:
-    """Runs the bridge until SIGTERM; prints its URL once it is up."""
-    logging.basicConfig(
-        level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
-    stop = stop_on_signals()
-    async with Bridge(bridge_config(bootstrap, sandbox_url, suffix)) as bridge:
-        print(json.dumps({"url": bridge.url}), flush=True)
-        await stop.wait()
-
-
-@dataclass
-class BridgeProcess:
-    process: asyncio.subprocess.Process
-    url: str
-    log: IO[bytes]
-
-    def log_lines(self) -> list[str]:
-        self.log.seek(0)
-        return self.log.read().decode(errors="replace").splitlines()
-
-
-@contextlib.asynccontextmanager
-async def bridge_process(
-    bootstrap: str, sandbox_url: str, suffix: str
-) -> AsyncIterator[BridgeProcess]:
-    # Its log goes to a file: a pipe nobody reads would stall it once full.
-    with tempfile.TemporaryFile() as log:
-        process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            str(SCRIPT),
-            "--phase",
-            "bridge",
-            "--bootstrap",
-            bootstrap,
-            "--sandbox",
-            sandbox_url,
-            "--suffix",
-            suffix,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=log,
-        )
-        try:
-            assert process.stdout is not None
-            try:
-                line = await asyncio.wait_for(process.stdout.readline(), START_TIMEOUT)
-            except TimeoutError:
-                line = b""
-            if not line:
-                log.seek(0)
-                last = log.read().decode(errors="replace").strip().splitlines()[-1:]
-                raise SystemExit(f"FAILED: the bridge did not start: {last}")
-            yield BridgeProcess(process, json.loads(line)["url"], log)
-        finally:
-            if process.returncode is None:
-                process.send_signal(signal.SIGTERM)
-                try:
-                    await asyncio.wait_for(process.wait(), 30)
-                except TimeoutError:
-                    process.kill()
-                    await process.wait()
 
 
 # -- the orders, the callbacks and the events ------------------------------------------------
@@ -269,17 +221,6 @@ class Arrivals:
 # -- CPU of this process and its children ---------------------------------------------------
 
 
-def cpu_seconds(pid: int | str) -> float:
-    """User + system CPU seconds of a process so far (0 without /proc)."""
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
-            fields = stat.read().rpartition(")")[2].split()
-    except OSError:
-        return 0.0
-    # After the command: state is field 3, utime and stime fields 14 and 15.
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def children() -> list[int]:
     """This process's children (the broker and the bridge), where /proc tells."""
     found: list[int] = []
@@ -290,22 +231,16 @@ def children() -> list[int]:
     return found
 
 
-def cpu_times(bridge_pid: int) -> dict[str, float]:
-    others = [pid for pid in children() if pid != bridge_pid]
-    return {
-        "bridge": cpu_seconds(bridge_pid),
-        "driver": cpu_seconds("self"),
-        "broker": sum(cpu_seconds(pid) for pid in others),
-    }
+def cpu_times(roles: Mapping[str, int]) -> dict[str, float]:
+    """CPU seconds so far of each bridge role, this process (the driver) and the broker."""
+    others = [pid for pid in children() if pid not in roles.values()]
+    times = {role: cpu_seconds(pid) for role, pid in roles.items()}
+    times["driver"] = cpu_seconds("self")
+    times["broker"] = sum(cpu_seconds(pid) for pid in others)
+    return times
 
 
 # -- measuring ---------------------------------------------------------------------------
-
-
-def percentile(values: Sequence[float], fraction: float) -> float:
-    """Nearest rank: the smallest value with `fraction` of the values at or below it."""
-    ordered = sorted(values)
-    return ordered[max(0, math.ceil(fraction * len(ordered)) - 1)]
 
 
 async def metrics_summary(url: str) -> str:
@@ -327,10 +262,47 @@ async def metrics_summary(url: str) -> str:
     return ", ".join(f"{k} {v:g}" for k, v in sorted(totals.items())) or "none"
 
 
-async def measure(orders: int, concurrency: int) -> dict[str, float]:
+async def dead_letter_keys(config: Config) -> set[str]:
+    """Keys of the worker's dead letters (records with a `reason`) in the dead-letter topic."""
+    topic = config.kafka.deadletter_topic
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=config.kafka.bootstrap_servers, enable_auto_commit=False
+    )
+    await consumer.start()
+    keys: set[str] = set()
+    try:
+        await consumer.topics()
+        parts = [
+            TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())
+        ]
+        if not parts:
+            return keys
+        consumer.assign(parts)
+        await consumer.seek_to_beginning(*parts)
+        ends = await consumer.end_offsets(parts)
+        while [p for p in parts if await consumer.position(p) < ends[p]]:
+            batches = await consumer.getmany(timeout_ms=500)
+            for records in batches.values():
+                for record in records:
+                    headers = dict(record.headers or ())
+                    # Refused callbacks carry the reason too, but their orders were not accepted.
+                    if "reason" in headers and record.key is not None:
+                        keys.add(record.key.decode(errors="replace"))
+        return keys
+    finally:
+        await consumer.stop()
+
+
+async def measure(
+    orders: int, concurrency: int, latency_ms: float, mode: str
+) -> tuple[dict[str, float], bool]:
+    """The figures, and whether the ledger balanced."""
     suffix = uuid.uuid4().hex[:8]
     accounts = {a.provider: a.name for a in demo_accounts()}
     sandbox = Sandbox(demo_accounts(), seed=SEED)
+    if latency_ms:
+        for name in accounts.values():
+            sandbox.set_faults(name, Faults(latency=latency_ms / 1000))
     warm_up = make_orders(sandbox, accounts, len(PROVIDERS))
     print(f"creating {orders:,} orders and their callbacks ...", flush=True)
     callbacks = make_orders(sandbox, accounts, orders)
@@ -338,14 +310,23 @@ async def measure(orders: int, concurrency: int) -> dict[str, float]:
         print("starting the embedded broker and the sandbox ...", flush=True)
         broker = await stack.enter_async_context(embedded_broker())
         sandbox_url = await stack.enter_async_context(serve(sandbox.app))
-        print("starting the bridge (joining the consumer group takes a few seconds) ...")
-        bridge = await stack.enter_async_context(
-            bridge_process(broker.bootstrap_servers, sandbox_url, suffix)
-        )
-        config = bridge_config(broker.bootstrap_servers, sandbox_url, suffix)
+        roles = MODES[mode]
+        print(f"starting order-bridge {' + '.join(roles)} (joining the group takes a while) ...")
+        port, worker_port = free_port(), free_port()
+        config = bridge_config(broker.bootstrap_servers, sandbox_url, suffix, port, worker_port)
+        workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-pipe-")))
+        processes = {}
+        url = f"http://127.0.0.1:{port}"
+        worker_url = url if mode == "serve" else f"http://127.0.0.1:{worker_port}"
+        for role in roles:
+            processes[role] = await stack.enter_async_context(role_process(role, config, workdir))
+        for role, process in processes.items():
+            await wait_ready(worker_url if role == "worker" else url, process)
+        pids = {role: process.pid for role, process in processes.items()}
+        print(f"bridge pids: {pids}", flush=True)
         arrivals = await stack.enter_async_context(Arrivals.following(config))
 
-        answers = await post_all(bridge.url, warm_up, 1)
+        answers = await post_all(url, warm_up, 1)
         if any(a.status != 200 for a in answers):
             raise SystemExit(f"FAILED: warm-up callbacks answered {[a.status for a in answers]}")
         if not await arrivals.wait([c.key for c in warm_up], START_TIMEOUT):
@@ -353,66 +334,105 @@ async def measure(orders: int, concurrency: int) -> dict[str, float]:
         queries_before = len(sandbox.queries)
 
         print(f"posting {orders:,} callbacks, {concurrency} at a time ...", flush=True)
-        cpu_before = cpu_times(bridge.process.pid)
-        answers = await post_all(bridge.url, callbacks, concurrency)
+        cpu_before = cpu_times(pids)
+        answers = await post_all(url, callbacks, concurrency)
         refused = Counter(a.status for a in answers if a.status != 200)
         if refused:
             shown = ", ".join(f"{n} x {status or 'no answer'}" for status, n in refused.items())
-            raise SystemExit(f"FAILED: callbacks not answered 200: {shown}")
-        keys = [c.key for c in callbacks]
-        if not await arrivals.wait(keys, EVENT_TIMEOUT):
-            missing = sum(1 for k in keys if k not in arrivals.seen)
-            raise SystemExit(
-                f"FAILED: {missing:,} of {orders:,} events missing {EVENT_TIMEOUT:g}s after "
-                f"the last answer; bridge metrics: {await metrics_summary(bridge.url)}"
-            )
-        last_event = max(arrivals.seen[k][0] for k in keys)
-        cpu_after = cpu_times(bridge.process.pid)
+            print(f"callbacks not answered 200: {shown}")
+        accepted = [c.key for c, a in zip(callbacks, answers, strict=True) if a.status == 200]
+        everything = await arrivals.wait(accepted, EVENT_TIMEOUT)
+        cpu_after = cpu_times(pids)
+        last_event = max((arrivals.seen[k][0] for k in accepted if k in arrivals.seen), default=0)
         await asyncio.sleep(GRACE)
-        repeated = {k: len(arrivals.seen[k]) for k in keys if len(arrivals.seen[k]) > 1}
+        events = sum(1 for k in accepted if k in arrivals.seen)
+        missing = [k for k in accepted if k not in arrivals.seen]
+        dead = await dead_letter_keys(config) if missing else set()
+        dead_letters = sum(1 for k in missing if k in dead)
+        sent = len(callbacks)
+        balanced = (
+            sent == len(accepted) + refused.total() and len(accepted) == events + dead_letters
+        )
+        summary = "; ".join(
+            [await metrics_summary(url)]
+            + ([await metrics_summary(worker_url)] if mode == "split" else [])
+        )
+        print(
+            f"ledger: sent {sent:,} = accepted {len(accepted):,} + refused {refused.total():,}; "
+            f"accepted {len(accepted):,} {'=' if balanced else '!='} events {events:,} "
+            f"+ dead letters {dead_letters:,}" + ("" if balanced else "  VOID")
+        )
+        if not everything:
+            print(f"{len(missing):,} events missing {EVENT_TIMEOUT:g}s after the last answer")
+        repeated = {k: len(arrivals.seen[k]) for k in accepted if len(arrivals.seen.get(k, [])) > 1}
         if repeated:
             key, count = next(iter(repeated.items()))
             raise SystemExit(
                 f"FAILED: {len(repeated):,} orders got more than one event (e.g. {key}: {count})"
             )
-        wrong = {k: s for k in keys if (s := arrivals.statuses[k]) != {"succeeded"}}
+        wrong = {
+            k: s
+            for k in accepted
+            if (s := arrivals.statuses.get(k, {"succeeded"})) != {"succeeded"}
+        }
         if wrong:
             raise SystemExit(f"FAILED: {len(wrong):,} orders' events not succeeded: {wrong}")
         queries = len(sandbox.queries) - queries_before
-        _, bridge_peak = rss_bytes(bridge.process.pid)
-        print(f"bridge metrics: {await metrics_summary(bridge.url)}")
-        warnings = [line for line in bridge.log_lines() if line.strip()]
-        if warnings:
-            print(f"bridge log: {len(warnings)} lines, the last: {warnings[-1]}")
+        peak = sum(rss_bytes(pid)[1] for pid in pids.values())
+        print(f"bridge metrics: {summary}")
+        for role, process in processes.items():
+            warnings = [line for line in process.log_lines() if line.strip()]
+            if len(warnings) > 1:  # the start line is always there
+                print(f"{role} log: {len(warnings)} lines, the last: {warnings[-1]}")
 
+    if not accepted or not events:
+        raise SystemExit("VOID: no callback accepted or no event read")
     first_sent = min(a.sent for a in answers)
     window = last_event - first_sent
     latencies = [a.answered - a.sent for a in answers]
-    e2e = [arrivals.seen[c.key][0] - a.answered for c, a in zip(callbacks, answers, strict=True)]
+    seen = [(c, a) for c, a in zip(callbacks, answers, strict=True) if c.key in arrivals.seen]
+    e2e = [arrivals.seen[c.key][0] - a.answered for c, a in seen]
+    c2e = [arrivals.seen[c.key][0] - a.sent for c, a in seen]
     figures = {
-        "accepted_per_s": orders / (max(a.answered for a in answers) - first_sent),
+        "accepted_per_s": len(accepted) / (max(a.answered for a in answers) - first_sent),
         "answer_p50_ms": percentile(latencies, 0.50) * 1000,
         "answer_p99_ms": percentile(latencies, 0.99) * 1000,
         "e2e_p50_ms": percentile(e2e, 0.50) * 1000,
         "e2e_p99_ms": percentile(e2e, 0.99) * 1000,
-        "events_per_s": orders / window,
+        "c2e_p50_ms": percentile(c2e, 0.50) * 1000,
+        "c2e_p99_ms": percentile(c2e, 0.99) * 1000,
+        "c2e_p999_ms": percentile(c2e, 0.999) * 1000,
+        "events_per_s": events / window,
         "queries_per_order": queries / orders,
-        "bridge_peak_rss_mib": bridge_peak / MIB,
+        "bridge_peak_rss_mib": peak / MIB,
     }
-    for part in ("bridge", "driver", "broker"):
-        figures[f"{part}_cpu_pct"] = (cpu_after[part] - cpu_before[part]) / window * 100
-    return figures
+    used = {part: cpu_after[part] - cpu_before[part] for part in cpu_after}
+    used["bridge"] = sum(used[role] for role in roles)
+    for part in ("bridge", "driver", "broker", *(r for r in roles if mode == "split")):
+        figures[f"{part}_cpu_pct"] = used[part] / window * 100
+        figures[f"{part}_cpu_ms"] = used[part] / orders * 1000
+    return figures, balanced
 
 
 # -- the report --------------------------------------------------------------------------
 
 
-def params(orders: int, concurrency: int) -> dict[str, int]:
-    return {"orders": orders, "concurrency": concurrency}
+def params(orders: int, concurrency: int, latency_ms: float, mode: str) -> dict[str, Any]:
+    """The run's parameters; latency and mode only when not the default (the saved
+    baseline predates them, and is a run with neither)."""
+    run: dict[str, Any] = {"orders": orders, "concurrency": concurrency}
+    if latency_ms:
+        run["provider_latency_ms"] = latency_ms
+    if mode != "serve":
+        run["mode"] = mode
+    return run
 
 
 def describe(params: Mapping[str, Any]) -> str:
-    return f"{params['orders']:,} orders, {params['concurrency']} clients"
+    text = f"{params['orders']:,} orders, {params['concurrency']} clients"
+    if params.get("provider_latency_ms"):
+        text += f", provider answering in {params['provider_latency_ms']:g} ms"
+    return text + f", {params.get('mode', 'serve')}"
 
 
 def main() -> None:
@@ -422,41 +442,47 @@ def main() -> None:
         "--concurrency", type=int, default=32, help="concurrent HTTP clients posting (32)"
     )
     parser.add_argument(
+        "--provider-latency",
+        type=float,
+        default=0.0,
+        metavar="MS",
+        help="milliseconds the sandbox takes to answer each query (0)",
+    )
+    parser.add_argument(
+        "--mode",
+        choices=sorted(MODES),
+        default="serve",
+        help="serve: one `order-bridge serve`; split: `receiver` + `worker` processes",
+    )
+    parser.add_argument(
         "--save-baseline", action="store_true", help=f"save this run's figures as {BASELINE.name}"
     )
-    # The bridge runs in an interpreter of its own: these are for the script itself.
-    parser.add_argument("--phase", choices=["bridge"], help=argparse.SUPPRESS)
-    parser.add_argument("--bootstrap", help=argparse.SUPPRESS)
-    parser.add_argument("--sandbox", help=argparse.SUPPRESS)
-    parser.add_argument("--suffix", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.orders < 1 or args.concurrency < 1:
-        parser.error("--orders and --concurrency must be at least 1")
-
-    if args.phase == "bridge":
-        try:
-            asyncio.run(phase_bridge(args.bootstrap, args.sandbox, args.suffix))
-        except StartupError as exc:
-            raise SystemExit(f"bridge: {exc}") from None
-        return
+    if args.orders < 1 or args.concurrency < 1 or args.provider_latency < 0:
+        parser.error("--orders and --concurrency must be at least 1, --provider-latency >= 0")
 
     try:
-        figures = asyncio.run(measure(args.orders, args.concurrency))
+        figures, balanced = asyncio.run(
+            measure(args.orders, args.concurrency, args.provider_latency, args.mode)
+        )
     except StartupError as exc:
         raise SystemExit(f"FAILED: {exc}") from None
-    run = params(args.orders, args.concurrency)
+    run = params(args.orders, args.concurrency, args.provider_latency, args.mode)
+    shown = FIGURES + (SPLIT_FIGURES if args.mode == "split" else ())
     report(
-        FIGURES,
+        shown,
         figures,
         load_baseline(BASELINE),
-        title=f"{describe(run)}, {PARTITIONS} partitions, bridge in its own process",
+        title=f"{describe(run)}, {PARTITIONS} partitions, bridge in processes of its own",
         path=BASELINE,
         params=run,
         describe=describe,
-        mismatch="another --orders or --concurrency: nothing is compared",
+        mismatch="other parameters: nothing is compared",
     )
+    if not balanced:
+        raise SystemExit("VOID: the ledger does not balance")
     if args.save_baseline:
-        save_baseline(BASELINE, run, FIGURES, figures)
+        save_baseline(BASELINE, run, shown, figures)
 
 
 if __name__ == "__main__":

@@ -77,9 +77,6 @@ class Fence:
         self._owned.difference_update(partitions)
         self._wake()
 
-    def owns(self, partition: int) -> bool:
-        return partition in self._owned
-
     async def check(self, partition: int) -> None:
         """Returns once `partition` may be written for; `Fenced` when it may not any more."""
         while True:

@@ -190,7 +190,7 @@ def config_toml(config: Config) -> tuple[str, dict[str, str]]:
         return lines
 
     lines = ["[kafka]", *table(config.kafka), "[http]", *table(config.http)]
-    lines += ["[worker]", *table(config.worker)]
+    lines += ["[worker]", *table(config.worker), "[polling]", *table(config.polling)]
     for account in config.accounts:
         lines += ["[[accounts]]", *table(account), *table(account.settings)]
     return "\n".join(lines) + "\n", env
@@ -201,4 +201,6 @@ def toml_value(value: object) -> str:
         return "true" if value else "false"
     if isinstance(value, int | float):
         return repr(value)
+    if isinstance(value, tuple):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
     return json.dumps(str(value))

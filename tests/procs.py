@@ -25,18 +25,9 @@ _RUNNING = re.compile(rb"order-bridge [a-z ]+ running(?: on (\S+))?")
 
 
 def write_config(config: Config, path: Path) -> dict[str, str]:
-    """Writes `config` as TOML to `path`, [polling] included; returns the environment
-    holding its secrets (`env:` references)."""
+    """Writes `config` as TOML to `path`; returns the environment holding its secrets
+    (`env:` references)."""
     text, env = config_toml(config)
-    polling = config.polling
-    intervals = ", ".join(repr(float(i)) for i in polling.intervals)
-    text += (
-        "[polling]\n"
-        f"intervals = [{intervals}]\n"
-        f"max_age = {polling.max_age!r}\n"
-        f"not_found_retries = {polling.not_found_retries!r}\n"
-        f"forget_after = {polling.forget_after!r}\n"
-    )
     path.write_text(text)
     return env
 

@@ -110,6 +110,14 @@ class LogSettings:
 
 
 @dataclass(frozen=True)
+class TracingSettings:
+    # none: the bridge passes a callback's traceparent on to its query and its event,
+    # and traces nothing itself. otlp: OpenTelemetry traces it (the `otel` extra), and
+    # sends the spans where the standard OTEL_EXPORTER_OTLP_* variables say.
+    exporter: Literal["none", "otlp"] = "none"
+
+
+@dataclass(frozen=True)
 class PollSettings:
     # Seconds before an unfinished order is asked again: after n answers in a row that
     # changed nothing it waits intervals[n]; the last one repeats.
@@ -140,6 +148,7 @@ class Config:
     worker: WorkerSettings = field(default_factory=WorkerSettings)
     polling: PollSettings = field(default_factory=PollSettings)
     log: LogSettings = field(default_factory=LogSettings)
+    tracing: TracingSettings = field(default_factory=TracingSettings)
     accounts: tuple[Account, ...] = ()
 
     def account(self, provider: str, name: str) -> Account:
@@ -165,7 +174,7 @@ def load_config(path: str | os.PathLike[str] | None = None) -> Config:
 
 def parse_config(data: Mapping[str, Any], env: Mapping[str, str] | None = None) -> Config:
     env = os.environ if env is None else env
-    _reject_unknown(data, {"kafka", "http", "worker", "polling", "log", "accounts"}, "")
+    _reject_unknown(data, {"kafka", "http", "worker", "polling", "log", "tracing", "accounts"}, "")
     accounts = data.get("accounts", [])
     if not isinstance(accounts, list):
         raise ConfigError("accounts", "must be an array of tables: [[accounts]]")
@@ -180,6 +189,7 @@ def parse_config(data: Mapping[str, Any], env: Mapping[str, str] | None = None) 
         worker=build(WorkerSettings, _table(data, "worker"), "worker", env),
         polling=build(PollSettings, _table(data, "polling"), "polling", env),
         log=build(LogSettings, _table(data, "log"), "log", env),
+        tracing=build(TracingSettings, _table(data, "tracing"), "tracing", env),
         accounts=parsed,
     )
     if not parsed:

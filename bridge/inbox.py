@@ -37,8 +37,10 @@ class InboxRecord:
     # What the callback claimed: recorded for people, never trusted.
     claimed_status: str | None = None
     signature_rule: str | None = None
+    # Since version 2: the W3C trace context the worker continues (`bridge.tracing`).
+    traceparent: str | None = None
 
-    VERSION: ClassVar[int] = 1
+    VERSION: ClassVar[int] = 2
 
     @property
     def key(self) -> str:
@@ -74,7 +76,7 @@ def _problem(given: dict[str, Any]) -> str | None:
         return f"missing one of {', '.join(_REQUIRED)}"
     if given["trigger"] not in TRIGGERS:
         return f"unknown trigger '{shown(given['trigger'])}'"
-    for name in ("content_type", "body", "claimed_status", "signature_rule"):
+    for name in ("content_type", "body", "claimed_status", "signature_rule", "traceparent"):
         if not isinstance(given.get(name, ""), str):
             return f"{name} is not text"
     headers = given.get("headers", {})

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import httpx
 
-from bridge import providers
+from bridge import providers, tracing
 from bridge.accounts import Account
 from bridge.errors import InvalidAnswer, OrderNotFound, ProviderError, ProviderUnavailable
 from bridge.orders import OrderSnapshot
@@ -65,7 +65,7 @@ async def _query_orders(
                 "POST",
                 request.url,
                 content=request.content,
-                headers=dict(request.headers),
+                headers={**request.headers, **tracing.http_headers()},
                 timeout=account.query_timeout,
             ) as response:
                 content = bytearray()

@@ -23,7 +23,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
-from bridge import openapi, providers, redact
+from bridge import openapi, providers, redact, tracing
 from bridge.accounts import Account
 from bridge.clock import iso, utc_now
 from bridge.config import Config
@@ -140,6 +140,7 @@ class Receiver:
             headers=_kept_headers(request),
             claimed_status=hint.claimed_status,
             signature_rule=hint.signature_rule,
+            traceparent=tracing.for_callback(request.headers.get(tracing.HEADER)),
         )
         if not await self._store(record):
             self._count_callback(provider.name, account.name, "unavailable", started)
@@ -179,6 +180,7 @@ class Receiver:
             trigger="watch",
             received_at=iso(utc_now()),
             headers=_kept_headers(request),
+            traceparent=tracing.for_callback(request.headers.get(tracing.HEADER)),
         )
         if not await self._store(record):
             self.metrics.inc("order_bridge_watch_requests_total", outcome="unavailable")

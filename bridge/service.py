@@ -14,7 +14,7 @@ from types import TracebackType
 import httpx
 from starlette.applications import Starlette
 
-from bridge import __version__
+from bridge import __version__, tracing
 from bridge.config import Config
 from bridge.errors import StartupError
 from bridge.kafka import Producer, ensure_topics
@@ -74,11 +74,13 @@ class Bridge:
                     ),
                 )
             )
+            tracing.instrument_client(http)
             self.worker = Worker(self.config, self.producer, http, self.metrics)
             await self.worker.start()
             self._stack.push_async_callback(self.worker.stop)
         if self._with_receiver:
             app = create_app(self.config, self.producer, self.metrics, self.readiness)
+            tracing.instrument_app(app)
             self.url = await self._serve(app, self.config.http.port)
 
     async def _serve(self, app: Starlette, port: int) -> str:
@@ -121,6 +123,7 @@ async def run(config: Config, *, receiver: bool = True, worker: bool = True) -> 
     that exits gets restarted by its supervisor, a half-dead one would just sit there.
     """
     stop = stop_on_signals()
+    tracing.setup(config.tracing)
     async with Bridge(config, receiver=receiver, worker=worker) as bridge:
         parts = " and ".join(p for p, on in (("receiver", receiver), ("worker", worker)) if on)
         where = f" on {bridge.url}" if bridge.url else ""

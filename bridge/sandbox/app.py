@@ -242,6 +242,7 @@ class Sandbox:
                         received_at,
                         outcome,
                         request.headers.get("user-agent", ""),
+                        request.headers.get("traceparent", ""),
                     )
                 )
                 self._wake_watchers()

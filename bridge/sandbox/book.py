@@ -109,6 +109,8 @@ class QueryRecord:
     outcome: str
     # The caller's User-Agent: tells apart bridge instances querying one account.
     client: str = ""
+    # The W3C trace context the query carried, as a provider's log would keep it.
+    traceparent: str = ""
 
 
 class OrderBook:

@@ -21,7 +21,7 @@ from collections.abc import Awaitable, Callable, Sequence
 
 import httpx
 
-from bridge import providers
+from bridge import providers, tracing
 from bridge.accounts import Account
 from bridge.config import WorkerSettings
 from bridge.errors import OrderNotFound, ProviderRejected
@@ -33,7 +33,8 @@ from bridge.worker.breaker import CircuitBreaker, State
 # One signed query for several order ids; answers the orders the provider knows.
 Send = Callable[[Sequence[str]], Awaitable[list[OrderSnapshot]]]
 
-_Waiter = tuple[str, asyncio.Future[OrderSnapshot]]
+# An order id, the future of its answer, and the trace the query continues.
+_Waiter = tuple[str, asyncio.Future[OrderSnapshot], str | None]
 # The waiters of one query, by order id: two waiters for one id share its answer.
 _Batch = dict[str, list[asyncio.Future[OrderSnapshot]]]
 
@@ -118,7 +119,8 @@ class AccountGateway:
         if self._dispatcher is None:
             self._dispatcher = asyncio.create_task(self._dispatch(), name=f"gateway-{self._name}")
         future: asyncio.Future[OrderSnapshot] = asyncio.get_running_loop().create_future()
-        (self._urgent if urgent else self._polls).append((order_id, future))
+        waiter = (order_id, future, tracing.current())
+        (self._urgent if urgent else self._polls).append(waiter)
         self._wakeup.set()
         # A waiter cancelled here cancels `future`; the dispatcher then skips it.
         return await future
@@ -146,7 +148,7 @@ class AccountGateway:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        for _, future in (*self._urgent, *self._polls):
+        for _, future, _ in (*self._urgent, *self._polls):
             future.cancel()
         self._urgent.clear()
         self._polls.clear()
@@ -160,14 +162,14 @@ class AccountGateway:
             await self._slots.acquire()
             # Last, so that no query starts after the circuit opened while we waited.
             await self._breaker.admit()
-            batch = self._take_batch()
+            batch, trace = self._take_batch()
             if not batch:
                 # Everyone waiting gave up (cancelled) while we waited for the limits.
                 self._bucket.refund()
                 self._slots.release()
                 self._breaker.abandon()
                 continue
-            task = asyncio.create_task(self._run(batch))
+            task = asyncio.create_task(self._run(batch, trace))
             self._batches.add(task)
             # A callback, not `finally`: a task cancelled before it starts runs no code.
             task.add_done_callback(functools.partial(self._finished, batch))
@@ -187,20 +189,23 @@ class AccountGateway:
                 return True
         return False
 
-    def _take_batch(self) -> _Batch:
-        """Up to `max_batch` distinct ids, urgent first; waiters for one id share it."""
+    def _take_batch(self) -> tuple[_Batch, str | None]:
+        """Up to `max_batch` distinct ids, urgent first; waiters for one id share it.
+        The query continues the trace of the first waiter that has one."""
         batch: _Batch = {}
+        trace = None
         for queue in (self._urgent, self._polls):
             while queue:
-                order_id, future = queue[0]
+                order_id, future, traceparent = queue[0]
                 if not future.done():
                     if order_id not in batch and len(batch) >= self._max_batch:
-                        return batch
+                        return batch, trace
                     batch.setdefault(order_id, []).append(future)
+                    trace = trace or traceparent
                 queue.popleft()
-        return batch
+        return batch, trace
 
-    async def _run(self, batch: _Batch) -> None:
+    async def _run(self, batch: _Batch, trace: str | None) -> None:
         """Asks for `batch` (admitted by the breaker) and settles its waiters.
 
         A refusal of several ids may be one order's fault (an id the provider chokes
@@ -209,7 +214,8 @@ class AccountGateway:
         fault: they go to the whole batch as they are.
         """
         try:
-            snapshots = await self._send_admitted(list(batch))
+            with tracing.resumed(trace):
+                snapshots = await self._send_admitted(list(batch))
         except ProviderRejected as exc:
             if len(batch) == 1:
                 _fail(batch, exc)
@@ -218,7 +224,7 @@ class AccountGateway:
                 if _pending(half):
                     await self._bucket.take()
                     await self._breaker.admit()
-                    await self._run(half)
+                    await self._run(half, trace)
             return
         except Exception as exc:
             # Any failure, a bug included, belongs to the waiters; the dispatcher goes on.

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from aiokafka.structs import ConsumerRecord
 
+from bridge import tracing
 from bridge.accounts import Account
 from bridge.clock import epoch_from_iso, iso, utc_now
 from bridge.config import Config
@@ -130,7 +131,9 @@ class HintHandler:
         if unverified and not followed and not self._budget.take(account.name):
             await self._poll_soon(order, known)
             return
-        await self._confirm(order, record.trigger)
+        span = f"confirm {record.trigger}"
+        with tracing.resumed(record.traceparent, span, {"order_bridge.order_key": order.key}):
+            await self._confirm(order, record.trigger)
 
     async def unreadable(self, record: ConsumerRecord, problem: str) -> None:
         """Keeps a record that cannot be read in the dead-letter topic, and skips it."""
@@ -163,7 +166,8 @@ class HintHandler:
             else:  # no longer followed, so forgotten after `forget_after`
                 await self._save(partition, key, state, state, next_poll=None)
             return
-        await self._confirm(_Order(partition, account, order_id, None), "poll")
+        with tracing.resumed(None, "confirm poll", {"order_bridge.order_key": key}):
+            await self._confirm(_Order(partition, account, order_id, None), "poll")
 
     async def _poll_soon(self, order: _Order, known: OrderState | None) -> None:
         """Over the flood guard's budget: the hint waits for a poll of its order, now for

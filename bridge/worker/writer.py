@@ -34,6 +34,7 @@ import os
 from aiokafka.errors import KafkaError, MessageSizeTooLargeError
 from aiokafka.structs import RecordMetadata
 
+from bridge import tracing
 from bridge.config import KafkaSettings
 from bridge.events import StatusEvent
 from bridge.kafka import Producer
@@ -118,8 +119,9 @@ class OrderWriter:
         """Sends `event` and returns once it is acked, with the order's memory moved to
         it. Its state record is not written yet: `save()` does that."""
         self._crash.reached("event_sent")
+        headers = [*event.headers(), *tracing.kafka_headers()]
         metadata = await self.send(
-            self._settings.status_topic, key, event.value(), event.headers(), partition=partition
+            self._settings.status_topic, key, event.value(), headers, partition=partition
         )
         self._crash.reached("event_acked")
         if (coverage := self._coverage.get(partition)) is not None:

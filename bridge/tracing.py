@@ -1,0 +1,124 @@
+"""One trace from a provider's callback to the status event it led to.
+
+The callback's W3C `traceparent` is kept in its inbox record. The worker carries it to
+the order-detail query (an HTTP header) and to the status event (a Kafka header).
+
+Without tracing (the default) the bridge passes the header on unchanged, as W3C Trace
+Context asks of a system that does not trace itself. With the `otel` extra and
+`[tracing] exporter` set, OpenTelemetry traces the receiver (Starlette), each
+confirmation (a span of the bridge's own), its queries (httpx) and the Kafka writes
+(aiokafka); each header sent then names the span that sent it. Nothing of
+OpenTelemetry is imported unless tracing is turned on (`bridge.otel` does that).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Iterator, Mapping
+from contextvars import ContextVar
+from typing import TYPE_CHECKING
+
+from bridge.config import TracingSettings
+from bridge.errors import ConfigError
+
+if TYPE_CHECKING:
+    import httpx
+    from starlette.applications import Starlette
+
+    from bridge.otel import OpenTelemetry
+
+HEADER = "traceparent"
+
+# Version 00 only: a later version's extra fields are not ours to pass on.
+_TRACEPARENT = re.compile(r"00-(?!0{32})[0-9a-f]{32}-(?!0{16})[0-9a-f]{16}-[0-9a-f]{2}")
+
+# The traceparent carried, when the bridge does not trace.
+_carried: ContextVar[str | None] = ContextVar("traceparent", default=None)
+_otel: OpenTelemetry | None = None
+
+
+def parse(value: str | None) -> str | None:
+    """`value` when it is a valid traceparent, else None (it is then dropped)."""
+    if value is None:
+        return None
+    value = value.strip()
+    return value if _TRACEPARENT.fullmatch(value) else None
+
+
+def setup(settings: TracingSettings) -> None:
+    """Turns tracing on for this process as `settings` say; off, it imports nothing."""
+    if settings.exporter == "none":
+        return
+    try:
+        from bridge.otel import OpenTelemetry
+    except ImportError as exc:
+        need = "the otel extra: pip install 'order-bridge[otel]'"
+        raise ConfigError("tracing.exporter", f"needs {need} ({exc.name} is missing)") from None
+    enable(OpenTelemetry.exporting(settings.exporter))
+
+
+def enable(otel: OpenTelemetry) -> None:
+    """Traces with `otel` from now on (tests give one with an in-memory exporter)."""
+    global _otel
+    disable()
+    otel.instrument()
+    _otel = otel
+
+
+def disable() -> None:
+    global _otel
+    if _otel is not None:
+        _otel.uninstrument()
+        _otel = None
+
+
+def instrument_app(app: Starlette) -> None:
+    if _otel is not None:
+        _otel.instrument_app(app)
+
+
+def instrument_client(client: httpx.AsyncClient) -> None:
+    if _otel is not None:
+        _otel.instrument_client(client)
+
+
+def current() -> str | None:
+    """The traceparent of the work running now: its span's, or the one carried."""
+    return _otel.current() if _otel is not None else _carried.get()
+
+
+def for_callback(header: str | None) -> str | None:
+    """What a callback's inbox record keeps: the receiver's span when it is traced (the
+    callback's trace, continued), else the callback's own header."""
+    return current() or parse(header)
+
+
+@contextlib.contextmanager
+def resumed(
+    traceparent: str | None, span: str | None = None, attributes: Mapping[str, str] | None = None
+) -> Iterator[None]:
+    """Runs the block in the trace of `traceparent` (a new trace when None): when traced,
+    in a span named `span` with `attributes` (without `span`, as a child of the parent
+    itself); else with `traceparent` carried as it is."""
+    if _otel is not None:
+        with _otel.resumed(traceparent, span, attributes or {}):
+            yield
+        return
+    token = _carried.set(traceparent)
+    try:
+        yield
+    finally:
+        _carried.reset(token)
+
+
+def http_headers() -> dict[str, str]:
+    """Headers for an outgoing query. When traced, httpx's instrumentation adds its own."""
+    carried = _carried.get() if _otel is None else None
+    return {HEADER: carried} if carried else {}
+
+
+def kafka_headers() -> list[tuple[str, bytes]]:
+    """Headers for an outgoing event. When traced, aiokafka's instrumentation adds its own."""
+    carried = _carried.get() if _otel is None else None
+    return [(HEADER, carried.encode())] if carried else []

@@ -251,7 +251,9 @@ async def stop_consumer(consumer: AIOKafkaConsumer) -> None:
         task = asyncio.current_task()
         if task is not None and task.cancelling():
             raise
-        fetches = list(consumer._fetcher._pending_tasks)
+        # Its fetch loop too: the one still pending would be lost with the consumer.
+        fetcher = consumer._fetcher
+        fetches = [fetcher._fetch_task, *fetcher._pending_tasks]
         for fetch in fetches:
             fetch.cancel()
         await asyncio.gather(*fetches, return_exceptions=True)

@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
@@ -68,13 +69,23 @@ def _parser() -> argparse.ArgumentParser:
         return sub
 
     for name, receiver, worker, text in (
-        ("serve", True, True, "run the receiver and the worker in one process (the usual run)"),
+        ("serve", True, True, "run the receiver and the worker (the usual run)"),
         ("receiver", True, False, "run only the receiver: callbacks into the inbox"),
         ("worker", False, True, "run only the worker: inbox hints into status events"),
     ):
         serve = command(name, text, _serve)
         _add_config_option(serve)
         serve.set_defaults(receiver=receiver, worker=worker)
+        if receiver and worker:
+            serve.add_argument(
+                "--one-process",
+                action="store_true",
+                help="the worker in this process too (the default with one CPU): "
+                "otherwise it runs in a child process, on a core of its own",
+            )
+        if worker and not receiver:
+            # Set by `serve` for its child: stop when the parent is gone.
+            serve.add_argument("--with-parent", action="store_true", help=argparse.SUPPRESS)
 
     query = command("query", "one signed order-detail query; prints the snapshot", _query)
     query.add_argument("provider", choices=providers.names())
@@ -218,7 +229,7 @@ def _query(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from bridge import service
+    from bridge import processes, service
     from bridge.servers import listen
 
     config = _load(args)
@@ -231,8 +242,28 @@ def _serve(args: argparse.Namespace) -> int:
     )
     if port:
         listen(host, port, setting).close()
-    asyncio.run(service.run(config, receiver=args.receiver, worker=args.worker))
+    child = None
+    if args.receiver and args.worker and not args.one_process and (os.cpu_count() or 1) > 1:
+        if config.worker.http_port:
+            listen(host, config.worker.http_port, "worker.http_port").close()
+        child = processes.worker_command(args.config, _log_options(args))
+    with_parent = getattr(args, "with_parent", False)
+    asyncio.run(
+        service.run(
+            config,
+            receiver=args.receiver,
+            worker=args.worker,
+            worker_command=child,
+            with_parent=with_parent,
+        )
+    )
     return 0
+
+
+def _log_options(args: argparse.Namespace) -> list[str]:
+    """The log options given, for a child process to log alike."""
+    options = ["-v"] if args.verbose else []
+    return options + (["--log-format", args.log_format] if args.log_format else [])
 
 
 def _tail(args: argparse.Namespace) -> int:

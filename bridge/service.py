@@ -9,12 +9,13 @@ import os
 import signal
 import socket
 import uuid
+from collections.abc import Awaitable, Sequence
 from types import TracebackType
 
 import httpx
 from starlette.applications import Starlette
 
-from bridge import __version__, tracing
+from bridge import __version__, processes, tracing
 from bridge.config import Config
 from bridge.errors import StartupError
 from bridge.kafka import Producer, ensure_topics
@@ -116,33 +117,60 @@ class Bridge:
         return Readiness(problems, degraded)
 
 
-async def run(config: Config, *, receiver: bool = True, worker: bool = True) -> None:
+async def run(
+    config: Config,
+    *,
+    receiver: bool = True,
+    worker: bool = True,
+    worker_command: Sequence[str] | None = None,
+    with_parent: bool = False,
+) -> None:
     """Runs the bridge until SIGTERM or SIGINT; a second signal exits at once.
 
-    A worker that dies on its own stops the bridge too, with StartupError: a process
-    that exits gets restarted by its supervisor, a half-dead one would just sit there.
+    With `worker_command`, the worker runs as that child process instead of in this
+    one (`bridge.processes`); with `with_parent`, this process stops when its parent
+    is gone. A worker that dies on its own, in this process or in the child, stops
+    the bridge too, with StartupError: a process that exits gets restarted by its
+    supervisor, a half-dead one would just sit there.
     """
     stop = stop_on_signals()
+    if with_parent:
+        processes.stop_with_parent(stop)
     tracing.setup(config.tracing)
-    async with Bridge(config, receiver=receiver, worker=worker) as bridge:
+    async with contextlib.AsyncExitStack() as stack:
+        in_process = worker and not worker_command
+        # The receiver first: without Kafka it fails the start before a child exists.
+        bridge = await stack.enter_async_context(
+            Bridge(config, receiver=receiver, worker=in_process)
+        )
+        child = None
+        if worker and worker_command:
+            drain = config.worker.drain_timeout
+            child = await stack.enter_async_context(processes.worker_process(worker_command, drain))
         parts = " and ".join(p for p, on in (("receiver", receiver), ("worker", worker)) if on)
         where = f" on {bridge.url}" if bridge.url else ""
         if bridge.probe_url:
             where = f"; /healthz, /readyz and /metrics on {bridge.probe_url}"
+        if child is not None:
+            where += f"; the worker in process {child.pid}"
         log.info("order-bridge %s running%s", parts, where)
-        failure = await _until_stopped(stop, bridge.worker)
+        if child is not None:
+            failure = await _until_stopped(stop, processes.exited(child))
+        else:
+            failure = await _until_stopped(stop, bridge.worker.failure() if bridge.worker else None)
         if failure is not None:
             raise StartupError(f"the worker stopped: {failure}; exiting")
         log.info("stopping: finishing in-flight work")
 
 
-async def _until_stopped(stop: asyncio.Event, worker: Worker | None) -> str | None:
-    """Waits for `stop`; returns early, saying why, when the worker dies first."""
-    if worker is None:
+async def _until_stopped(stop: asyncio.Event, failure: Awaitable[str] | None) -> str | None:
+    """Waits for `stop`; returns early, saying why, when `failure` (the worker's end)
+    comes first."""
+    if failure is None:
         await stop.wait()
         return None
     stopping = asyncio.create_task(stop.wait())
-    failing = asyncio.create_task(worker.failure())
+    failing = asyncio.ensure_future(failure)
     await asyncio.wait({stopping, failing}, return_when=asyncio.FIRST_COMPLETED)
     stopping.cancel()
     failing.cancel()

@@ -47,6 +47,7 @@ class _Protocol(H11Protocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        no_delay(transport)
         # uvicorn arms the idle timer only after a response: arm it for the first request.
         self.timeout_keep_alive_task = self.loop.call_later(
             self.timeout_keep_alive, self.timeout_keep_alive_handler
@@ -77,6 +78,20 @@ class _Protocol(H11Protocol):
         if self._header_deadline is not None:
             self._header_deadline.cancel()
             self._header_deadline = None
+
+
+def no_delay(transport: asyncio.BaseTransport) -> None:
+    """Sets TCP_NODELAY on `transport`'s socket, when it is a TCP one.
+
+    An answer goes out in two writes, its head and then its body. With Nagle's algorithm
+    on, the body waits for the client to ack the head, and clients delay that ack by
+    40 ms: every callback answered 48 ms late, at 5% of a core. asyncio sets the option
+    only on sockets made with `proto=IPPROTO_TCP`, which `listen()`'s are not (nor those
+    a supervisor hands over), so it is set here, on every connection.
+    """
+    sock = transport.get_extra_info("socket")
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 def check_port(port: int, setting: str = "http.port") -> None:

@@ -173,6 +173,13 @@ def test_event_value_and_headers() -> None:
 def test_inbox_record_round_trip_and_rejects_garbage() -> None:
     record = InboxRecord("kasushou", "k", "D1", "callback", "2026-11-22T10:00:00.000Z", body="x")
     assert InboxRecord.decode(record.encode()) == record
+    # to_json names each field itself: one added to the class must be written too.
+    full = InboxRecord(
+        "lemft", "l", "L1", "watch", "2026-11-22T10:00:00.000Z", "application/json", "{}",
+        {"user-agent": "ua"}, "paid", "md5",
+    )  # fmt: skip
+    assert full.to_json() == {"version": InboxRecord.VERSION, **dataclasses.asdict(full)}
+    assert InboxRecord.decode(full.encode()) == full
     for garbage in (b"", b"[]", b'{"provider": "k"}', b'{"provider":"k","account":"a",'
                     b'"order_id":"o","trigger":"nope","received_at":"t"}'):  # fmt: skip
         with pytest.raises(ValueError, match="not an inbox record"):

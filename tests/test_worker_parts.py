@@ -203,8 +203,14 @@ def test_metrics_render_in_prometheus_text_format() -> None:
     assert f"order_bridge_callbacks_total{{{labelled}}} 1.0" in text
     assert 'order_bridge_breaker_open{account="a",provider="lemft"} 1.0' in text
     assert metrics.value("order_bridge_callbacks_total", **labels) == 1
+    # The same labels in another order count in the same series.
+    metrics.inc("order_bridge_callbacks_total", **dict(reversed(labels.items())))
+    assert metrics.value("order_bridge_callbacks_total", **labels) == 2
     with pytest.raises(KeyError):
         metrics.inc("no_such_metric")
+    metrics.observe("order_bridge_inbox_write_seconds", 0.1, outcome="ok")
+    with pytest.raises(TypeError):
+        metrics.inc("order_bridge_inbox_write_seconds", outcome="ok")
 
 
 def test_poll_schedule_takes_due_orders_earliest_first() -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -118,11 +118,12 @@ class Receiver:
             return PlainTextResponse(f"unknown {'account' if known else 'provider'}\n", 404)
 
         body = await self._read_body(request)
+        headers = _headers(request)
         try:
             if body is None:
                 limit = self.config.http.max_body_bytes
                 raise CallbackTooLarge(provider.name, account.name, _too_large(request, limit))
-            hint = provider.parse_callback(account, body, dict(request.headers))
+            hint = provider.parse_callback(account, body, headers)
             problem = order_id_problem(hint.order_id)
             if problem:
                 raise MalformedCallback(provider.name, account.name, problem)
@@ -137,7 +138,7 @@ class Receiver:
             received_at=iso(utc_now()),
             content_type=hint.content_type,
             body=hint.stored_body.decode("utf-8", "replace"),
-            headers=_kept_headers(request),
+            headers=_kept_headers(request, headers),
             claimed_status=hint.claimed_status,
             signature_rule=hint.signature_rule,
         )
@@ -178,7 +179,7 @@ class Receiver:
             order_id=data["order_id"].strip(),
             trigger="watch",
             received_at=iso(utc_now()),
-            headers=_kept_headers(request),
+            headers=_kept_headers(request, _headers(request)),
         )
         if not await self._store(record):
             self.metrics.inc("order_bridge_watch_requests_total", outcome="unavailable")
@@ -344,11 +345,21 @@ def _watch_problem(data: Any) -> str | None:
     return order_id_problem(data["order_id"].strip())
 
 
-def _kept_headers(request: Request) -> dict[str, str]:
-    headers = {name: request.headers[name] for name in KEPT_HEADERS if name in request.headers}
+def _headers(request: Request) -> dict[str, str]:
+    """The request's headers by (lower-case) name; of a repeated one the first, as
+    `request.headers[name]` gives it. In one pass: `dict(request.headers)` looks
+    through them all again for each name."""
+    found: dict[str, str] = {}
+    for name, value in request.scope["headers"]:
+        found.setdefault(name.decode("latin-1"), value.decode("latin-1"))
+    return found
+
+
+def _kept_headers(request: Request, headers: Mapping[str, str]) -> dict[str, str]:
+    kept = {name: headers[name] for name in KEPT_HEADERS if name in headers}
     if request.client is not None:
-        headers["remote_addr"] = request.client.host
-    return headers
+        kept["remote_addr"] = request.client.host
+    return kept
 
 
 def _shown(request: Request) -> str:

@@ -25,7 +25,7 @@ from starlette.routing import Route
 
 from bridge import openapi, providers, redact
 from bridge.accounts import Account
-from bridge.clock import iso, utc_now
+from bridge.clock import now_iso
 from bridge.config import Config
 from bridge.deadletter import Reason, dead_letter
 from bridge.errors import (
@@ -135,7 +135,7 @@ class Receiver:
             account=account.name,
             order_id=hint.order_id,
             trigger="callback",
-            received_at=iso(utc_now()),
+            received_at=now_iso(),
             content_type=hint.content_type,
             body=hint.stored_body.decode("utf-8", "replace"),
             headers=_kept_headers(request, headers),
@@ -178,7 +178,7 @@ class Receiver:
             account=account.name,
             order_id=data["order_id"].strip(),
             trigger="watch",
-            received_at=iso(utc_now()),
+            received_at=now_iso(),
             headers=_kept_headers(request, _headers(request)),
         )
         if not await self._store(record):

@@ -19,7 +19,7 @@ from typing import NoReturn, TypeVar
 import httpx
 import orjson
 
-from bridge import __version__, deadletters, eventloop, logs, providers
+from bridge import __version__, deadletters, logs, providers
 from bridge.accounts import Account
 from bridge.config import Config, load_config
 from bridge.errors import BridgeError, ConfigError, OrderNotFound, ProviderError
@@ -231,7 +231,7 @@ def _serve(args: argparse.Namespace) -> int:
     )
     if port:
         listen(host, port, setting).close()
-    eventloop.run(service.run(config, receiver=args.receiver, worker=args.worker))
+    asyncio.run(service.run(config, receiver=args.receiver, worker=args.worker))
     return 0
 
 

@@ -1,5 +1,6 @@
 """bridge.servers: what its protocol does to each connection, over real loopback sockets,
-on asyncio's event loop and on uvloop's (the bridge's own, `bridge.eventloop`).
+on asyncio's event loop (the bridge's) and on uvloop's, when installed (the `bench`
+extra), as `uvicorn --loop uvloop` would run it.
 
 The receiver's own limits (the body's deadline and size) are tested in
 tests/test_hostile_input.py.
@@ -21,7 +22,6 @@ from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 from uvicorn.server import ServerState
 
-from bridge import eventloop
 from bridge.servers import MAX_HEAD_BYTES, _Protocol, listen, serve
 
 HEADER_TIMEOUT = 0.4
@@ -39,10 +39,9 @@ APP = Starlette(routes=[Route("/", ok, methods=["GET", "POST"])])
 
 
 def run_on(name: str, test: Callable[[], Awaitable[None]]) -> None:
+    factory = asyncio.new_event_loop
     if name == "uvloop":
-        pytest.importorskip("uvloop")
-        assert eventloop.factory() is not asyncio.new_event_loop
-    factory = eventloop.factory() if name == "uvloop" else asyncio.new_event_loop
+        factory = pytest.importorskip("uvloop").new_event_loop
     with asyncio.Runner(loop_factory=factory) as runner:
         runner.run(asyncio.wait_for(test(), 30))
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import time
 from datetime import UTC, datetime
 
 
@@ -12,6 +14,19 @@ def utc_now() -> datetime:
 def iso(moment: datetime) -> str:
     """`2026-11-22T10:00:00.123Z`."""
     return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def now_iso() -> str:
+    """`iso(utc_now())` in half the time: the receiver stamps every callback with it.
+    The text up to the seconds is made once a second."""
+    now = time.time()
+    second = int(now)
+    return f"{_second_text(second)}.{int((now - second) * 1000):03d}Z"
+
+
+@functools.lru_cache(maxsize=1)
+def _second_text(second: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
 
 
 def iso_from_epoch(epoch: float | None) -> str | None:

@@ -226,18 +226,31 @@ class Metrics:
         self._metrics: dict[str, _Metric] = {
             name: _build(name, spec, self.registry) for name, spec in METRICS.items()
         }
+        # The series of counters and histograms met so far, by name and labels: looking
+        # one up with `labels()` each time was a twentieth of a callback's CPU. Labels take
+        # values from bounded sets (above), and only gauges' series are ever dropped, so
+        # these stay small and never go stale.
+        self._counters: dict[tuple[object, ...], Counter] = {}
+        self._histograms: dict[tuple[object, ...], Histogram] = {}
 
     def inc(self, name: str, **labels: str) -> None:
-        metric = self._get(name, Counter)
-        (metric.labels(**labels) if labels else metric).inc()
+        # Labels in the caller's order: another order gets an entry of its own, same series.
+        key = (name, *labels.items())
+        series = self._counters.get(key)
+        if series is None:
+            series = self._counters[key] = _series(self._get(name, Counter), labels)
+        series.inc()
 
     def set(self, name: str, value: float, **labels: str) -> None:
         metric = self._get(name, Gauge)
         (metric.labels(**labels) if labels else metric).set(value)
 
     def observe(self, name: str, seconds: float, **labels: str) -> None:
-        metric = self._get(name, Histogram)
-        (metric.labels(**labels) if labels else metric).observe(seconds)
+        key = (name, *labels.items())
+        series = self._histograms.get(key)
+        if series is None:
+            series = self._histograms[key] = _series(self._get(name, Histogram), labels)
+        series.observe(seconds)
 
     def sample(self, name: str, value: Callable[[], float]) -> None:
         """Makes the unlabelled gauge `name` call `value` whenever it is scraped."""
@@ -279,6 +292,10 @@ class Metrics:
         if name not in METRICS:
             raise KeyError(f"unknown metric {name}")
         return name
+
+
+def _series(metric: _M, labels: Mapping[str, str]) -> _M:
+    return metric.labels(**labels) if labels else metric
 
 
 def _build(name: str, spec: Spec, registry: CollectorRegistry) -> _Metric:

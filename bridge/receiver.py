@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,7 +25,7 @@ from starlette.routing import Route
 
 from bridge import openapi, providers, redact, tracing
 from bridge.accounts import Account
-from bridge.clock import iso, utc_now
+from bridge.clock import now_iso
 from bridge.config import Config
 from bridge.deadletter import Reason, dead_letter
 from bridge.errors import (
@@ -118,11 +118,12 @@ class Receiver:
             return PlainTextResponse(f"unknown {'account' if known else 'provider'}\n", 404)
 
         body = await self._read_body(request)
+        headers = _headers(request)
         try:
             if body is None:
                 limit = self.config.http.max_body_bytes
                 raise CallbackTooLarge(provider.name, account.name, _too_large(request, limit))
-            hint = provider.parse_callback(account, body, dict(request.headers))
+            hint = provider.parse_callback(account, body, headers)
             problem = order_id_problem(hint.order_id)
             if problem:
                 raise MalformedCallback(provider.name, account.name, problem)
@@ -134,13 +135,13 @@ class Receiver:
             account=account.name,
             order_id=hint.order_id,
             trigger="callback",
-            received_at=iso(utc_now()),
+            received_at=now_iso(),
             content_type=hint.content_type,
             body=hint.stored_body.decode("utf-8", "replace"),
-            headers=_kept_headers(request),
+            headers=_kept_headers(request, headers),
             claimed_status=hint.claimed_status,
             signature_rule=hint.signature_rule,
-            traceparent=tracing.for_callback(request.headers.get(tracing.HEADER)),
+            traceparent=tracing.for_callback(headers.get(tracing.HEADER)),
         )
         if not await self._store(record):
             self._count_callback(provider.name, account.name, "unavailable", started)
@@ -178,8 +179,8 @@ class Receiver:
             account=account.name,
             order_id=data["order_id"].strip(),
             trigger="watch",
-            received_at=iso(utc_now()),
-            headers=_kept_headers(request),
+            received_at=now_iso(),
+            headers=_kept_headers(request, _headers(request)),
             traceparent=tracing.for_callback(request.headers.get(tracing.HEADER)),
         )
         if not await self._store(record):
@@ -304,13 +305,21 @@ async def read_body(request: Request, limit: int, timeout: float) -> bytes | Non
         return None
     chunks = []
     size = 0
+    more = True
     try:
         async with asyncio.timeout(timeout):
-            async for chunk in request.stream():
+            # The ASGI messages themselves, not request.stream(): an async generator
+            # costs more than the rest of this loop.
+            while more:
+                message = await request.receive()
+                if message["type"] == "http.disconnect":
+                    raise ClientDisconnect
+                chunk = message.get("body", b"")
                 size += len(chunk)
                 if size > limit:
                     return None
                 chunks.append(chunk)
+                more = message.get("more_body", False)
     except TimeoutError:
         raise BodyTimeout from None
     return b"".join(chunks)
@@ -346,11 +355,21 @@ def _watch_problem(data: Any) -> str | None:
     return order_id_problem(data["order_id"].strip())
 
 
-def _kept_headers(request: Request) -> dict[str, str]:
-    headers = {name: request.headers[name] for name in KEPT_HEADERS if name in request.headers}
+def _headers(request: Request) -> dict[str, str]:
+    """The request's headers by (lower-case) name; of a repeated one the first, as
+    `request.headers[name]` gives it. In one pass: `dict(request.headers)` looks
+    through them all again for each name."""
+    found: dict[str, str] = {}
+    for name, value in request.scope["headers"]:
+        found.setdefault(name.decode("latin-1"), value.decode("latin-1"))
+    return found
+
+
+def _kept_headers(request: Request, headers: Mapping[str, str]) -> dict[str, str]:
+    kept = {name: headers[name] for name in KEPT_HEADERS if name in headers}
     if request.client is not None:
-        headers["remote_addr"] = request.client.host
-    return headers
+        kept["remote_addr"] = request.client.host
+    return kept
 
 
 def _shown(request: Request) -> str:

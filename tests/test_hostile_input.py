@@ -19,6 +19,7 @@ import pytest
 from bridge import providers
 from bridge.config import KafkaSettings
 from bridge.errors import MalformedCallback
+from bridge.providers.base import _json_problem, _plainly_fit
 from tests.conftest import RunningSandbox
 from tests.helpers import make_accounts
 from tests.kafka import read_topic
@@ -337,3 +338,16 @@ def test_every_provider_refuses_text_that_is_not_unicode(provider: str, body: by
     account = make_accounts()[provider]
     with pytest.raises(MalformedCallback):
         providers.get(provider).parse_callback(account, body, JSON)
+
+
+def test_json_is_taken_as_fit_without_a_walk_only_when_it_must_be() -> None:
+    texts = ['{"a": "\\ud800"}', '{"a": "\\ud83d\\ude00"}', '{"a": "x", "b": [1, {"c": 2}]}']
+    for depth in range(28, 36):
+        for opening, closing in (("[", "]"), ('{"k": ', "}")):
+            texts.append('{"a": ' + opening * depth + "1" + closing * depth + "}")
+    for text in texts:
+        walked = _json_problem(json.loads(text))
+        if _plainly_fit(text):
+            assert walked is None, text
+    assert not _plainly_fit(texts[0])
+    assert _json_problem(json.loads(texts[0])) is not None

@@ -19,12 +19,13 @@ from typing import Any
 import httpx
 import orjson
 import pytest
+from starlette.requests import Request
 
 from bridge.config import Config, HttpSettings, KafkaSettings
 from bridge.inbox import InboxRecord
 from bridge.kafka import Producer, ensure_topics
 from bridge.metrics import Metrics
-from bridge.receiver import Readiness, create_app
+from bridge.receiver import Readiness, _headers, _kept_headers, create_app
 from bridge.sandbox import SandboxOrder
 from bridge.sandbox.base import Encoding
 from bridge.servers import serve
@@ -515,3 +516,18 @@ async def test_a_newer_receivers_hint_is_confirmed_by_this_worker(bridge: Runnin
     assert event.value["status"] == "succeeded"
     assert event.value["trigger"] == "watch"
     assert not [r for r in bridge.deadletter.records if r.key == key]
+
+
+def test_headers_are_read_as_starlette_reads_them() -> None:
+    raw = [(b"content-type", b"application/json"), (b"x-request-id", b"r1")]
+    raw += [(b"x-request-id", b"r2"), (b"user-agent", b"caf\xe9")]
+    request = Request({"type": "http", "headers": raw, "client": ("10.0.0.9", 5)})
+    headers = _headers(request)
+    assert headers == {name: request.headers[name] for name in request.headers}
+    assert headers["x-request-id"] == "r1"
+    assert _kept_headers(request, headers) == {
+        "content-type": "application/json",
+        "user-agent": "café",
+        "x-request-id": "r1",
+        "remote_addr": "10.0.0.9",
+    }

@@ -121,6 +121,27 @@ def test_mask_text_leaves_other_text_and_is_idempotent() -> None:
 
 
 @pytest.mark.parametrize(
+    "text",
+    [
+        # Names written otherwise than in plain text, as masking reads them.
+        '{"\\u0063vv": "123", "ordersn": "D1"}',
+        "c%76v=123&ordersn=D1",
+        '{"CVV": "123"}',
+        "+cvv+=123",
+        '{"\u212aey": "123"}',  # KELVIN SIGN, "k" in lower case
+        '{"card_list": "[{\\"pin\\": \\"123\\"}]"}',
+    ],
+)
+def test_mask_text_finds_names_however_written(text: str) -> None:
+    assert "123" not in mask_text(text)
+
+
+def test_mask_text_returns_text_naming_no_secret_as_it_is() -> None:
+    text = '{"order_no":"2026120229402838","status":"4","total":"10.00","currency":"USD"}'
+    assert mask_text(text) is text
+
+
+@pytest.mark.parametrize(
     "text", ['"\\"' * 20_000, '"' + "a" * 60_000, '{"a":' * 12_000, "&=" * 30_000]
 )
 def test_mask_text_stays_fast_on_hostile_input(text: str) -> None:

@@ -173,6 +173,13 @@ def test_event_value_and_headers() -> None:
 def test_inbox_record_round_trip_and_rejects_garbage() -> None:
     record = InboxRecord("kasushou", "k", "D1", "callback", "2026-11-22T10:00:00.000Z", body="x")
     assert InboxRecord.decode(record.encode()) == record
+    # to_json names each field itself: one added to the class must be written too.
+    full = InboxRecord(
+        "lemft", "l", "L1", "watch", "2026-11-22T10:00:00.000Z", "application/json", "{}",
+        {"user-agent": "ua"}, "paid", "md5",
+    )  # fmt: skip
+    assert full.to_json() == {"version": InboxRecord.VERSION, **dataclasses.asdict(full)}
+    assert InboxRecord.decode(full.encode()) == full
     for garbage in (b"", b"[]", b'{"provider": "k"}', b'{"provider":"k","account":"a",'
                     b'"order_id":"o","trigger":"nope","received_at":"t"}'):  # fmt: skip
         with pytest.raises(ValueError, match="not an inbox record"):
@@ -196,8 +203,14 @@ def test_metrics_render_in_prometheus_text_format() -> None:
     assert f"order_bridge_callbacks_total{{{labelled}}} 1.0" in text
     assert 'order_bridge_breaker_open{account="a",provider="lemft"} 1.0' in text
     assert metrics.value("order_bridge_callbacks_total", **labels) == 1
+    # The same labels in another order count in the same series.
+    metrics.inc("order_bridge_callbacks_total", **dict(reversed(labels.items())))
+    assert metrics.value("order_bridge_callbacks_total", **labels) == 2
     with pytest.raises(KeyError):
         metrics.inc("no_such_metric")
+    metrics.observe("order_bridge_inbox_write_seconds", 0.1, outcome="ok")
+    with pytest.raises(TypeError):
+        metrics.inc("order_bridge_inbox_write_seconds", outcome="ok")
 
 
 def test_poll_schedule_takes_due_orders_earliest_first() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import sys
 from pathlib import Path
@@ -12,7 +13,7 @@ from pathlib import Path
 import orjson
 from aiokafka import AIOKafkaProducer
 
-from bridge.clock import iso, utc_now
+from bridge.clock import iso, now_iso, utc_now
 from bridge.config import KafkaSettings
 from bridge.kafka import ensure_topics
 from bridge.sandbox import Faults
@@ -172,3 +173,12 @@ async def test_a_member_that_lost_its_session_writes_nothing_more(
         chain,
         (tmp_path / "a.log").read_text()[-3000:],
     )
+
+
+def test_now_iso_is_iso_of_utc_now() -> None:
+    for _ in range(1000):
+        before = iso(utc_now())
+        text = now_iso()
+        after = iso(utc_now())
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", text), text
+        assert before <= text <= after

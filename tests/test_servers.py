@@ -1,0 +1,208 @@
+"""bridge.servers: what its protocol does to each connection, over real loopback sockets,
+on asyncio's event loop (the bridge's) and on uvloop's, when installed (the `bench`
+extra), as `uvicorn --loop uvloop` would run it.
+
+The receiver's own limits (the body's deadline and size) are tested in
+tests/test_hostile_input.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import time
+from collections.abc import Awaitable, Callable
+
+import pytest
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response
+from starlette.routing import Route
+from uvicorn.server import ServerState
+
+from bridge.servers import MAX_HEAD_BYTES, _Protocol, listen, serve
+
+HEADER_TIMEOUT = 0.4
+IDLE_TIMEOUT = 0.4
+# Longer than every timeout above, and than the slowest machine needs to notice one.
+PATIENCE = 5.0
+LOOPS = ["asyncio", "uvloop"]
+
+
+async def ok(request: Request) -> Response:
+    return PlainTextResponse("ok")
+
+
+APP = Starlette(routes=[Route("/", ok, methods=["GET", "POST"])])
+
+
+def run_on(name: str, test: Callable[[], Awaitable[None]]) -> None:
+    factory = asyncio.new_event_loop
+    if name == "uvloop":
+        factory = pytest.importorskip("uvloop").new_event_loop
+    with asyncio.Runner(loop_factory=factory) as runner:
+        runner.run(asyncio.wait_for(test(), 30))
+
+
+async def connect(url: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    host, port = url.removeprefix("http://").split(":")
+    return await asyncio.open_connection(host, int(port))
+
+
+async def until_closed(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+) -> tuple[bytes, float]:
+    """What the server says until it closes the connection, and how long that took."""
+    started = time.monotonic()
+    answer = b""
+    try:
+        async with asyncio.timeout(PATIENCE):
+            while chunk := await reader.read(65536):
+                answer += chunk
+    finally:
+        writer.close()
+    return answer, time.monotonic() - started
+
+
+async def dribble(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, pieces: list[bytes]
+) -> bytes:
+    """Sends `pieces` at a tenth of HEADER_TIMEOUT apart, each in time, until the server
+    answers; then what it says until it closes the connection."""
+    answer = b""
+    for piece in pieces:
+        writer.write(piece)
+        # Stopping at the answer: writing more would reset the connection.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(HEADER_TIMEOUT / 10):
+                answer = await reader.read(65536)
+                break
+    rest, _ = await until_closed(reader, writer)
+    return answer + rest
+
+
+def served(test: Callable[[str], Awaitable[None]]) -> Callable[[], Awaitable[None]]:
+    async def run() -> None:
+        async with serve(APP, header_timeout=HEADER_TIMEOUT, idle_timeout=IDLE_TIMEOUT) as url:
+            await test(url)
+
+    return run
+
+
+@pytest.mark.parametrize("name", LOOPS)
+def test_answers_are_not_held_back_by_nagle(name: str) -> None:
+    # Head and body go out in two writes: with Nagle on, the body would wait for the
+    # client's delayed ack of the head (40 ms).
+    async def test() -> None:
+        config = uvicorn.Config(APP, log_config=None, lifespan="off")
+        state = ServerState()
+        made: list[_Protocol] = []
+
+        def protocol() -> _Protocol:
+            made.append(_Protocol(config, state, {}))
+            return made[-1]
+
+        sock = listen("127.0.0.1", 0)
+        server = await asyncio.get_running_loop().create_server(protocol, sock=sock)
+        async with server:
+            reader, writer = await asyncio.open_connection(*sock.getsockname())
+            writer.write(b"GET / HTTP/1.1\r\nhost: test\r\n\r\n")
+            head = await reader.readuntil(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 200 ")
+            assert await reader.readexactly(2) == b"ok"
+            [one] = made
+            connection = one.transport.get_extra_info("socket")
+            assert connection.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+            writer.close()
+            await writer.wait_closed()
+
+    run_on(name, test)
+
+
+@pytest.mark.parametrize("name", LOOPS)
+def test_idle_connections_are_closed(name: str) -> None:
+    async def test(url: str) -> None:
+        # One that never says a word.
+        reader, writer = await connect(url)
+        answer, took = await until_closed(reader, writer)
+        assert answer == b""
+        assert took >= IDLE_TIMEOUT * 0.8
+
+        # One kept alive after its requests.
+        reader, writer = await connect(url)
+        for _ in range(3):
+            writer.write(b"GET / HTTP/1.1\r\nhost: test\r\n\r\n")
+            head = await reader.readuntil(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 200 ")
+            assert await reader.readexactly(2) == b"ok"
+        answer, took = await until_closed(reader, writer)
+        assert answer == b""
+        assert IDLE_TIMEOUT * 0.8 <= took < PATIENCE
+
+    run_on(name, served(test))
+
+
+@pytest.mark.parametrize("name", LOOPS)
+def test_request_heads_must_come_in_time(name: str) -> None:
+    head = b"POST / HTTP/1.1\r\nhost: test\r\ncontent-type: application/json\r\n\r\n"
+
+    async def test(url: str) -> None:
+        # Half a head, then nothing.
+        reader, writer = await connect(url)
+        writer.write(head[:20])
+        answer, took = await until_closed(reader, writer)
+        assert answer.startswith(b"HTTP/1.1 408 "), answer
+        assert took >= HEADER_TIMEOUT * 0.8
+
+        # Trickled a byte at a time, each one in time: the deadline is for all of them.
+        reader, writer = await connect(url)
+        started = time.monotonic()
+        answer = await dribble(reader, writer, [bytes([byte]) for byte in head[:-1]])
+        assert answer.startswith(b"HTTP/1.1 408 "), answer
+        assert time.monotonic() - started < HEADER_TIMEOUT + PATIENCE / 2
+
+        # Line breaks between requests are no request either: they keep nothing open.
+        reader, writer = await connect(url)
+        writer.write(b"GET / HTTP/1.1\r\nhost: test\r\n\r\n")
+        assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 200 ")
+        await reader.readexactly(2)
+        started = time.monotonic()
+        answer = await dribble(reader, writer, [b"\r\n"] * 100)
+        assert answer.startswith(b"HTTP/1.1 408 "), answer
+        assert time.monotonic() - started < HEADER_TIMEOUT + PATIENCE / 2
+
+    run_on(name, served(test))
+
+
+@pytest.mark.parametrize("name", LOOPS)
+def test_a_head_too_large_is_refused(name: str) -> None:
+    async def test(url: str) -> None:
+        reader, writer = await connect(url)
+        writer.write(b"GET / HTTP/1.1\r\nhost: test\r\n")
+        with contextlib.suppress(ConnectionError):
+            for _ in range(MAX_HEAD_BYTES // 1000 + 2):
+                if reader.at_eof():
+                    break
+                writer.write(b"x-padding: " + b"x" * 1000 + b"\r\n")
+                await writer.drain()
+        answer, took = await until_closed(reader, writer)
+        assert answer.startswith(b"HTTP/1.1 431 "), answer
+        assert took < HEADER_TIMEOUT
+
+        # A head just under the bound, with a body, is served.
+        reader, writer = await connect(url)
+        padding = b"x-padding: " + b"x" * (MAX_HEAD_BYTES - 200) + b"\r\n"
+        body = b"y" * 60_000
+        writer.write(
+            b"POST / HTTP/1.1\r\nhost: test\r\n"
+            + padding
+            + f"content-length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+        assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 200 ")
+        writer.close()
+        await writer.wait_closed()
+
+    run_on(name, served(test))

@@ -69,6 +69,10 @@ QUERY_LIMITS: dict[str, Any] = {
     "query_burst": 100_000,
     "max_concurrent_queries": 32,
 }
+# The flood guard's budget of unsigned callbacks, sized like the limits above: at its
+# default (600 a minute an account) a run's lemft and lunpay callbacks past the 600th
+# of a minute wait for their order's first poll, 10 s later, which made every run's p99.
+UNVERIFIED_HINTS_PER_MINUTE = 10_000_000
 SEED = 20261124
 # Seconds the events may take after the last callback was answered; then, seconds
 # more during which a second event for an order would be seen.
@@ -114,7 +118,11 @@ def bridge_config(
     return Config(
         kafka=settings_for(bootstrap, suffix),
         http=HttpSettings(host="127.0.0.1", port=port),
-        worker=WorkerSettings(group_id=f"bench-{suffix}", http_port=worker_port),
+        worker=WorkerSettings(
+            group_id=f"bench-{suffix}",
+            http_port=worker_port,
+            unverified_hints_per_minute=UNVERIFIED_HINTS_PER_MINUTE,
+        ),
         accounts=tuple(
             dataclasses.replace(
                 account, base_url=f"{sandbox_url}/{account.provider}", **QUERY_LIMITS

@@ -317,6 +317,9 @@ class Worker:
             for record in self._held.pop(partition, []):
                 self._submit(partition, record)
         self._wake.set()
+        topic_partitions = self._consumer.partitions_for_topic(self._config.kafka.inbox_topic)
+        total = len(topic_partitions or ()) or self._config.kafka.partitions
+        self._gateways.share(len(self._restored), total)
         log.info("owning inbox partitions %s", sorted(partitions))
 
     async def _open(self, partitions: list[int], found: Restored) -> None:

@@ -151,8 +151,10 @@ class Worker:
         next_commit = time.monotonic() + settings.commit_interval
         while not self._stopping:
             self._apply_backpressure()
+            # No more than max_in_flight taken: one fetch can hold thousands of hints.
+            room = max(1, settings.max_in_flight - self.in_flight)
             try:
-                batches = await self._consumer.getmany(timeout_ms=100)
+                batches = await self._consumer.getmany(timeout_ms=100, max_records=room)
             except KafkaError as exc:
                 log.warning("fetching from the inbox failed: %r", exc)
                 await asyncio.sleep(1)

@@ -310,10 +310,11 @@ class Producer:
         A send that times out may still be delivered later: callers must tolerate that.
         `partition` None leaves it to the key's hash.
         """
-        sent = self._running.send_and_wait(
-            topic, value, key=key.encode(), headers=headers, partition=partition
-        )
-        metadata: RecordMetadata = await asyncio.wait_for(sent, timeout)
+        # A timeout scope, not wait_for: that would wrap each send in a task of its own.
+        async with asyncio.timeout(timeout):
+            metadata: RecordMetadata = await self._running.send_and_wait(
+                topic, value, key=key.encode(), headers=headers, partition=partition
+            )
         return metadata
 
     async def flush(self, timeout: float) -> bool:

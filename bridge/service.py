@@ -24,6 +24,7 @@ from bridge.probes import create_probe_app
 from bridge.receiver import Readiness, create_app
 from bridge.servers import serve
 from bridge.worker import Worker
+from bridge.worker.transport import ProviderTransport
 
 log = logging.getLogger(__name__)
 
@@ -64,15 +65,12 @@ class Bridge:
             app = create_probe_app(self.metrics, self.readiness)
             self.probe_url = await self._serve(app, self.config.worker.http_port)
         if self._with_worker:
-            # Gateways bound each account's queries in flight; the pool must not queue
-            # them again (httpx's default is 100 connections, 20 kept alive).
-            connections = sum(a.max_concurrent_queries for a in self.config.accounts)
+            # Gateways bound each account's queries in flight; the transport keeps a
+            # connection per query in flight, at O(1) a request (see its docstring).
             http = await self._stack.enter_async_context(
                 httpx.AsyncClient(
                     headers={"user-agent": f"order-bridge/{__version__} ({self.instance})"},
-                    limits=httpx.Limits(
-                        max_connections=connections, max_keepalive_connections=connections
-                    ),
+                    transport=ProviderTransport(),
                 )
             )
             tracing.instrument_client(http)

@@ -170,6 +170,39 @@ async def test_queries_keep_to_the_token_bucket(make_gateway: MakeGateway) -> No
     assert (10 - burst) / rate - 0.01 <= elapsed < (10 - burst) / rate + 0.25
 
 
+async def test_a_share_of_the_rate_is_kept_to(make_gateway: MakeGateway) -> None:
+    rate, burst = 40.0, 2
+    fake = FakeProvider()
+    gateway = make_gateway(fake, rate=rate, burst=burst, max_batch=1)
+    gateway.share(0.5)
+    assert gateway.rate == 20.0
+    start = time.monotonic()
+    await asyncio.gather(*(gateway.query(f"D{i}", urgent=True) for i in range(10)))
+    elapsed = time.monotonic() - start
+    # Half the burst (one saved), then half the rate.
+    assert 9 / 20.0 - 0.01 <= elapsed < 9 / 20.0 + 0.25
+
+
+async def test_gateways_share_every_accounts_rate_by_the_partitions_owned(
+    sandbox: RunningSandbox,
+) -> None:
+    lemft = dataclasses.replace(sandbox.accounts["lemft"], query_rate=12.0)
+    lunpay = dataclasses.replace(sandbox.accounts["lunpay"], query_rate=24.0)
+    async with httpx.AsyncClient() as http:
+        gateways = Gateways(http, Metrics())
+        assert gateways.for_account(lemft).rate == 12.0
+        gateways.share(3, 12)
+        assert gateways.for_account(lemft).rate == 3.0
+        # A gateway built later gets the share too.
+        assert gateways.for_account(lunpay).rate == 6.0
+        # Owning nothing, a worker asks nothing: the share stays.
+        gateways.share(0, 12)
+        assert gateways.for_account(lunpay).rate == 6.0
+        gateways.share(12, 12)
+        assert gateways.for_account(lemft).rate == 12.0
+        await gateways.aclose()
+
+
 async def test_urgent_requests_go_before_polls_queued_earlier(make_gateway: MakeGateway) -> None:
     fake = FakeProvider()
     gateway = make_gateway(fake, max_concurrent=1, max_batch=1)

@@ -227,3 +227,27 @@ async def test_an_order_of_an_account_no_longer_configured_is_forgotten(
             await state.wait_for(
                 lambda rs: any(r.key == key and r.value is None for r in rs), what="a tombstone"
             )
+
+
+async def test_polls_at_the_last_interval_that_change_nothing_write_no_state_record(
+    sandbox: RunningSandbox, kafka_settings: KafkaSettings
+) -> None:
+    polling = PollSettings(intervals=(0.1, 0.2), max_age=3600.0)
+    async with (
+        running_bridge(sandbox, kafka_settings, polling=polling, accounts=UNLIMITED) as bridge,
+        read_topic(kafka_settings, kafka_settings.state_topic) as state,
+    ):
+        order_id, key = bridge.create("lemft", "processing")
+        await bridge.watch("lemft", order_id)
+        await bridge.events_for(key, 1)
+        await queries_reach(sandbox, "lemft-test", order_id, count=8)
+        bridge.move("lemft", order_id, "succeeded")
+        await bridge.events_for(key, 2)
+        await state.wait_for(
+            lambda rs: any(r.key == key and r.value["next_poll_at"] is None for r in rs),
+            what="the final state record",
+        )
+        records = [r for r in state.records if r.key == key]
+    # The watch's, the first poll's (from the first interval to the last), the final
+    # one's; none for the polls at the last interval that found nothing new.
+    assert len(records) == 3, [r.value for r in records]

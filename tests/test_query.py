@@ -24,10 +24,18 @@ from bridge.errors import (
 from bridge.orders import Status
 from bridge.query import MAX_ANSWER_BYTES, query_order, query_orders
 from bridge.sandbox import Faults
+from bridge.worker.transport import ProviderTransport
 from tests.conftest import RunningSandbox
 from tests.helpers import SECRETS, make_accounts
 
 PROVIDERS = ["lemft", "lunpay", "kasushou"]
+
+
+def provider_client() -> httpx.AsyncClient:
+    """A client on the worker's transport, which every query of the bridge goes through."""
+    return httpx.AsyncClient(transport=ProviderTransport())
+
+
 # Each provider's code for "succeeded".
 SUCCEEDED = {"lemft": 1, "lunpay": 4, "kasushou": 3}
 
@@ -38,7 +46,7 @@ async def test_query_confirms_the_order_and_follows_its_changes(
 ) -> None:
     account = sandbox.accounts[provider]
     order = sandbox.sandbox.create_order(account.name, amount=Decimal("375.28"), currency="USD")
-    async with httpx.AsyncClient() as http:
+    async with provider_client() as http:
         first = await query_order(http, account, order.order_id)
         sandbox.sandbox.set_status(account.name, order.order_id, SUCCEEDED[provider])
         second = await query_order(http, account, order.order_id)
@@ -60,7 +68,7 @@ async def test_wrong_credentials_get_the_providers_error(
         account,
         settings=dataclasses.replace(account.settings, **{secret_field: Secret("wrong")}),
     )
-    async with httpx.AsyncClient() as http:
+    async with provider_client() as http:
         with pytest.raises(ProviderRejected) as caught:
             await query_order(http, wrong, order.order_id)
     assert caught.value.transient is False
@@ -69,7 +77,7 @@ async def test_wrong_credentials_get_the_providers_error(
 
 @pytest.mark.parametrize("provider", PROVIDERS)
 async def test_unknown_order(sandbox: RunningSandbox, provider: str) -> None:
-    async with httpx.AsyncClient() as http:
+    async with provider_client() as http:
         with pytest.raises(OrderNotFound) as caught:
             await query_order(http, sandbox.accounts[provider], "NO-SUCH-ORDER")
     assert caught.value.transient is False
@@ -79,7 +87,7 @@ async def test_unknown_order(sandbox: RunningSandbox, provider: str) -> None:
 async def test_kasushou_batch_is_one_query(sandbox: RunningSandbox) -> None:
     account = sandbox.accounts["kasushou"]
     ids = [sandbox.sandbox.create_order(account.name).order_id for _ in range(3)]
-    async with httpx.AsyncClient() as http:
+    async with provider_client() as http:
         snapshots = await query_orders(http, account, [*ids, "D-UNKNOWN"])
     assert sorted(s.order_id for s in snapshots) == sorted(ids)
     assert len(sandbox.sandbox.queries) == 1
@@ -100,7 +108,7 @@ async def test_failing_provider_gives_transient_errors(
     account = dataclasses.replace(sandbox.accounts[provider], query_timeout=0.3)
     order = sandbox.sandbox.create_order(account.name)
     sandbox.sandbox.set_faults(account.name, faults)
-    async with httpx.AsyncClient() as http:
+    async with provider_client() as http:
         for _ in range(3):  # error_rate rotates through its kinds of failure
             with pytest.raises(ProviderError) as caught:
                 await query_order(http, account, order.order_id)
@@ -116,7 +124,7 @@ async def test_unreachable_provider() -> None:
         base_url="http://127.0.0.1:9",
         settings=make_accounts()["lunpay"].settings,
     )
-    async with httpx.AsyncClient() as http:
+    async with provider_client() as http:
         with pytest.raises(ProviderUnavailable, match="unreachable") as caught:
             await query_order(http, account, "LP-1")
     assert caught.value.transient is True
@@ -179,7 +187,7 @@ async def test_an_answer_must_end_in_time_and_within_a_size(
     error: type[ProviderError],
     problem: str,
 ) -> None:
-    async with raw_provider(answer) as url, httpx.AsyncClient() as http:
+    async with raw_provider(answer) as url, provider_client() as http:
         lunpay = make_accounts()["lunpay"]
         account = dataclasses.replace(lunpay, base_url=url, query_timeout=timeout)
         with pytest.raises(error, match=problem) as caught:
@@ -221,7 +229,7 @@ async def test_provider_errors_never_echo_the_accounts_secrets(provider: str) ->
     for text, shown in cases.items():
         async with raw_provider(json_answer(ERROR_ENVELOPES[provider](text))) as url:
             account = dataclasses.replace(base, base_url=url)
-            async with httpx.AsyncClient() as http:
+            async with provider_client() as http:
                 with pytest.raises(ProviderRejected) as caught:
                     await query_order(http, account, "ORD-1")
         assert str(caught.value) == f"{provider}/{account.name} order ORD-1: code {code}: {shown}"

@@ -55,7 +55,10 @@ class Worker:
             auto_offset_reset="earliest",
             session_timeout_ms=int(settings.session_timeout * 1000),
             heartbeat_interval_ms=int(settings.heartbeat_interval * 1000),
-            fetch_max_wait_ms=100,
+            # How long the broker may hold a fetch that found nothing new: every hint
+            # can wait that long before the worker sees it (with 100, 10 ms more at
+            # p50 on Tansu), and an idle worker sends a fetch this often.
+            fetch_max_wait_ms=20,
         )
         self._state = StateStore(config.kafka)
         self._schedule = PollSchedule()
@@ -148,8 +151,10 @@ class Worker:
         next_commit = time.monotonic() + settings.commit_interval
         while not self._stopping:
             self._apply_backpressure()
+            # No more than max_in_flight taken: one fetch can hold thousands of hints.
+            room = max(1, settings.max_in_flight - self.in_flight)
             try:
-                batches = await self._consumer.getmany(timeout_ms=100)
+                batches = await self._consumer.getmany(timeout_ms=100, max_records=room)
             except KafkaError as exc:
                 log.warning("fetching from the inbox failed: %r", exc)
                 await asyncio.sleep(1)
@@ -314,6 +319,9 @@ class Worker:
             for record in self._held.pop(partition, []):
                 self._submit(partition, record)
         self._wake.set()
+        topic_partitions = self._consumer.partitions_for_topic(self._config.kafka.inbox_topic)
+        total = len(topic_partitions or ()) or self._config.kafka.partitions
+        self._gateways.share(len(self._restored), total)
         log.info("owning inbox partitions %s", sorted(partitions))
 
     async def _open(self, partitions: list[int], found: Restored) -> None:

@@ -55,6 +55,17 @@ class _TokenBucket:
             self._refill()
         self._tokens -= 1
 
+    def set_rate(self, rate: float, burst: int) -> None:
+        """From now on, `rate` tokens a second and at most `burst` saved up."""
+        self._refill()
+        self._rate = rate
+        self._burst = float(burst)
+        self._tokens = min(self._tokens, self._burst)
+
+    @property
+    def rate(self) -> float:
+        return self._rate
+
     def refund(self) -> None:
         self._tokens = min(self._burst, self._tokens + 1)
 
@@ -89,6 +100,8 @@ class AccountGateway:
         if rate <= 0 or burst < 1 or max_batch < 1 or max_concurrent < 1:
             raise ValueError("rate must be > 0; burst, max_batch and max_concurrent >= 1")
         self._send = send
+        self._rate = rate
+        self._burst = burst
         self._bucket = _TokenBucket(rate, burst)
         self._max_batch = max_batch
         self._slots = asyncio.Semaphore(max_concurrent)
@@ -132,6 +145,17 @@ class AccountGateway:
     def circuit(self) -> str | None:
         """What the circuit breaker is doing, while it is not closed."""
         return self._breaker.describe()
+
+    @property
+    def rate(self) -> float:
+        """Queries a second this gateway keeps to now (its share of the account's)."""
+        return self._bucket.rate
+
+    def share(self, fraction: float) -> None:
+        """Keeps to `fraction` (0 to 1) of the account's rate and burst, the share of
+        the account's orders this worker has: so that the workers together do not ask
+        more than the account allows."""
+        self._bucket.set_rate(self._rate * fraction, max(1, round(self._burst * fraction)))
 
     def hurry(self, order_id: str) -> None:
         """Moves the queued polls of `order_id` to the end of the urgent queue: a hint
@@ -290,6 +314,21 @@ class Gateways:
         self._metrics = metrics
         self._settings = settings or WorkerSettings()
         self._gateways: dict[str, AccountGateway] = {}
+        self._share = 1.0
+
+    def share(self, owned: int, partitions: int) -> None:
+        """Every account's rate (and burst) shared out by inbox partitions: a worker
+        owning `owned` of the `partitions` asks at most that share of it. Orders are
+        spread over the partitions by the hash of their keys, so the share of the
+        rate follows the share of the orders, and N workers never ask N times the
+        rate. (While a rebalance goes on, the shares may add up to less than the whole,
+        never to more: every member gives its partitions up before any gets new ones.)
+        Owning none changes nothing: such a worker asks nothing."""
+        if owned <= 0 or partitions <= 0:
+            return
+        self._share = min(1.0, owned / partitions)
+        for gateway in self._gateways.values():
+            gateway.share(self._share)
 
     def for_account(self, account: Account) -> AccountGateway:
         """The account's gateway; `max_batch` is clamped to what its provider allows."""
@@ -306,6 +345,7 @@ class Gateways:
                 account=account.name,
                 breaker=self._breaker(account),
             )
+            gateway.share(self._share)
         return gateway
 
     def degraded(self) -> list[str]:

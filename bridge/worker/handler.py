@@ -65,6 +65,19 @@ def _claims_other_code(record: InboxRecord | None, known: OrderState) -> bool:
     return claimed is not None and claimed != str(known.code)
 
 
+def _only_polled_again(state: OrderState, written: OrderState | None, last_rung: int) -> bool:
+    """Whether `state` differs from `written` only by more polls at the polling ladder's
+    last interval, and so a later next poll. Such a state needs no record of its own: a
+    restore from `written` polls the order sooner, at the same interval, and that is all.
+    Most polls of a long-followed order are these: at the defaults, 288 of 3 days' 293.
+    """
+    if written is None or written.next_poll is None or state.next_poll is None:
+        return False
+    if min(state.polls, written.polls) < last_rung:
+        return False
+    return dataclasses.replace(state, next_poll=written.next_poll, polls=written.polls) == written
+
+
 @dataclass(frozen=True)
 class _Order:
     """The order one confirmation is about."""
@@ -356,7 +369,9 @@ class HintHandler:
                 time.time() + self._config.polling.forget_after
             )
         state = dataclasses.replace(known, next_poll=next_poll, forget_at=forget_at)
-        await self._writer.save(partition, key, state, written=state == written)
+        last_rung = len(self._config.polling.intervals) - 1
+        unchanged = state == written or _only_polled_again(state, written, last_rung)
+        await self._writer.save(partition, key, state, written=unchanged)
         self._schedule.set(partition, key, state.next_due)
 
     async def _dead_letter(

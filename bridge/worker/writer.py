@@ -77,6 +77,10 @@ class _Coverage:
     def state_acked(self, offset: int) -> None:
         self._pending.discard(offset)
 
+    def pending(self, offset: int | None) -> bool:
+        """Whether the event at `offset` is acked and no state record covers it yet."""
+        return offset in self._pending
+
     @property
     def covered(self) -> int:
         """Every event below this offset is remembered by a state record already acked.
@@ -139,11 +143,13 @@ class OrderWriter:
 
     async def save(self, partition: int, key: str, state: OrderState, written: bool) -> None:
         """Makes `state` the order's memory and, unless its record holds it already
-        (`written`), writes it as its state record."""
+        (`written`), writes it as its state record. The record is written anyway while
+        the order's event is not covered by one (a restore brought it forward from the
+        status topic): until then every restore reads the status topic from there."""
         self._store.put(partition, key, state)
-        if written:
-            return
         coverage = self._coverage.get(partition)
+        if written and (coverage is None or not coverage.pending(state.event_offset)):
+            return
         covered = None if coverage is None else coverage.covered
         self._crash.reached("state_sent")
         value = state.encode(covered)

@@ -4,19 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import dataclasses
 import os
 import re
 import signal
 import sys
-import time
 from pathlib import Path
 
-import httpx
 import pytest
 
 from bridge.accounts import Secret
-from bridge.broker import free_port
 from bridge.config import KafkaSettings
 from bridge.errors import StartupError
 from bridge.providers.lunpay import Lunpay
@@ -34,7 +30,6 @@ from tests.bridge_fixtures import (
 )
 from tests.conftest import CutOffBroker, RunningSandbox
 from tests.helpers import SECRETS
-from tests.kafka import read_topic
 
 PROVIDERS = ["lemft", "lunpay", "kasushou"]
 ISO_UTC = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
@@ -321,45 +316,3 @@ async def test_tail_prints_one_readable_line_an_event(
     assert "375.28 USD" in line
     assert "(code 4 completed, callback)" in line
     assert ISO_UTC.match(line)
-
-
-async def test_serve_runs_until_sigterm_then_stops_cleanly(
-    sandbox: RunningSandbox, kafka_settings: KafkaSettings, tmp_path: Path
-) -> None:
-    config = bridge_config(sandbox, kafka_settings)
-    config = dataclasses.replace(config, http=dataclasses.replace(config.http, port=free_port()))
-    text, env = config_toml(config)
-    (tmp_path / "bridge.toml").write_text(text)
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "bridge", "serve", "--config", str(tmp_path / "bridge.toml"),
-        env={**os.environ, **env}, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    url = f"http://{config.http.host}:{config.http.port}"
-    try:
-        async with httpx.AsyncClient(timeout=5) as http:
-            deadline = time.monotonic() + 30
-            while not await ready(http, url):
-                assert time.monotonic() < deadline, "serve never became ready"
-                await asyncio.sleep(0.1)
-            order = sandbox.sandbox.create_order("lunpay-test", status=4)
-            body, content_type = sandbox.sandbox.callback("lunpay-test", order.order_id)
-            answer = await http.post(
-                f"{url}/callbacks/lunpay/lunpay-test",
-                content=body,
-                headers={"content-type": content_type},
-            )
-            assert answer.status_code == 200
-        async with read_topic(kafka_settings, kafka_settings.status_topic) as status:
-            (event,) = await status.wait_for_count(1)
-        assert event.value["order_id"] == order.order_id
-    finally:
-        process.send_signal(signal.SIGTERM)
-        _, stderr = await asyncio.wait_for(process.communicate(), 30)
-    assert process.returncode == 0, stderr.decode()
-
-
-async def ready(http: httpx.AsyncClient, url: str) -> bool:
-    try:
-        return (await http.get(f"{url}/readyz")).status_code == 200
-    except httpx.TransportError:
-        return False

@@ -1,4 +1,5 @@
-"""`order-bridge serve` on two cores: the receiver in its process, the worker in a child."""
+"""`order-bridge serve` as a process: on two cores the receiver in its process and the
+worker in a child; with --one-process both in one. Each stops cleanly on SIGTERM."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +33,12 @@ class Serve:
 
     def children(self) -> list[int]:
         return children_of(self.process.pid)
+
+    async def worker(self) -> int:
+        """The worker child: started once the receiver is up, so maybe after /readyz."""
+        await wait_until(lambda: len(self.children()) == 1, "no worker child started")
+        (pid,) = self.children()
+        return pid
 
     async def stop(self, sig: int = signal.SIGTERM) -> tuple[int, str]:
         """Sends `sig`; the exit code and the log, once the process has ended."""
@@ -67,9 +74,9 @@ def alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
-async def wait_until(condition: object, what: str, timeout: float = 30) -> None:
+async def wait_until(condition: Callable[[], bool], what: str, timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
-    while not condition():  # type: ignore[operator]
+    while not condition():
         assert time.monotonic() < deadline, what
         await asyncio.sleep(0.05)
 
@@ -122,14 +129,15 @@ async def post_one(sandbox: RunningSandbox, serve: Serve, kafka: KafkaSettings) 
         )
     assert answer.status_code == 200
     async with read_topic(kafka, kafka.status_topic) as status:
-        await status.wait_for(lambda rs: any(r.value["order_id"] == order.order_id for r in rs))
+        (event,) = await status.wait_for_count(1)
+    assert event.value["order_id"] == order.order_id
 
 
 async def test_the_worker_runs_in_a_child_and_both_stop_cleanly_on_sigterm(
     sandbox: RunningSandbox, kafka_settings: KafkaSettings, tmp_path: Path
 ) -> None:
     async with serving(sandbox, kafka_settings, tmp_path) as serve:
-        (worker,) = serve.children()
+        worker = await serve.worker()
         await post_one(sandbox, serve, kafka_settings)
         code, log = await serve.stop()
     assert code == 0, log
@@ -154,7 +162,7 @@ async def test_a_worker_child_that_dies_stops_serve(
     sandbox: RunningSandbox, kafka_settings: KafkaSettings, tmp_path: Path
 ) -> None:
     async with serving(sandbox, kafka_settings, tmp_path) as serve:
-        (worker,) = serve.children()
+        worker = await serve.worker()
         os.kill(worker, signal.SIGKILL)
         code, log = await serve.stop(signal.SIGCONT)  # no stop asked: it must end on its own
     assert code != 0
@@ -165,6 +173,6 @@ async def test_the_worker_child_stops_when_serve_is_killed(
     sandbox: RunningSandbox, kafka_settings: KafkaSettings, tmp_path: Path
 ) -> None:
     async with serving(sandbox, kafka_settings, tmp_path) as serve:
-        (worker,) = serve.children()
+        worker = await serve.worker()
         await serve.stop(signal.SIGKILL)
         await wait_until(lambda: not alive(worker), "the orphaned worker kept running")

@@ -33,7 +33,10 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import json
 import os
+import resource
+import sys
 import tempfile
 import time
 import uuid
@@ -47,7 +50,14 @@ from typing import Any
 import httpx
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from baseline_report import MIB, Figure, load_baseline, report, rss_bytes, save_baseline
-from bench_procs import cpu_seconds, percentile, role_process, wait_ready
+from bench_procs import (
+    RoleProcess,
+    cpu_seconds,
+    percentile,
+    role_process,
+    topic_records,
+    wait_ready,
+)
 from followed_orders import PARTITIONS, settings_for
 
 from bridge.broker import embedded_broker, free_port
@@ -60,6 +70,7 @@ from bridge.tail import Event, each_event
 
 SCRIPT = Path(__file__).resolve()
 BASELINE = SCRIPT.with_name("pipeline_baseline.json")
+POSTER = SCRIPT.with_name("poster.py")
 # Each provider's code for "succeeded" in the sandbox.
 SUCCEEDED = {"lemft": 1, "lunpay": 4, "kasushou": 3}
 PROVIDERS = ("kasushou", "lemft", "lunpay")
@@ -98,24 +109,29 @@ FIGURES = (
     Figure("queries_per_order", "provider queries / order", "", 2, 0),
     Figure("bridge_peak_rss_mib", "bridge process(es), peak RSS MiB", "lower", 1, 10),
     Figure("bridge_cpu_pct", "bridge process(es) CPU, % of one core", "", 0, 0),
-    Figure("driver_cpu_pct", "clients + sandbox + reader CPU, % of one core", "", 0, 0),
+    Figure("driver_cpu_pct", "poster + sandbox + reader CPU, % of one core", "", 0, 0),
     Figure("broker_cpu_pct", "broker CPU, % of one core", "", 0, 0),
     Figure("bridge_cpu_ms", "bridge process(es) CPU ms / order", "", 2, 0),
-    Figure("driver_cpu_ms", "clients + sandbox + reader CPU ms / order", "", 2, 0),
+    Figure("driver_cpu_ms", "poster + sandbox + reader CPU ms / order", "", 2, 0),
     Figure("broker_cpu_ms", "broker CPU ms / order", "", 2, 0),
 )
-SPLIT_FIGURES = (
-    Figure("receiver_cpu_ms", "receiver process CPU ms / order", "", 2, 0),
-    Figure("worker_cpu_ms", "worker process CPU ms / order", "", 2, 0),
+ROLE_FIGURES = (
+    Figure("receiver_cpu_ms", "receiver CPU ms / order (serve: its main process)", "", 2, 0),
+    Figure("worker_cpu_ms", "worker(s) CPU ms / order (serve: its child)", "", 2, 0),
 )
-MODES = {"serve": ("serve",), "split": ("receiver", "worker")}
+MODES = {"serve": ("serve",), "split": ("receiver", "worker"), "receiver": ("receiver",)}
 
 
 # -- the bridge, as processes of its own -----------------------------------------------------
 
 
 def bridge_config(
-    bootstrap: str, sandbox_url: str, suffix: str, port: int = 0, worker_port: int = 0
+    bootstrap: str,
+    sandbox_url: str,
+    suffix: str,
+    port: int = 0,
+    worker_port: int = 0,
+    limits: Mapping[str, Any] = QUERY_LIMITS,
 ) -> Config:
     return Config(
         kafka=settings_for(bootstrap, suffix),
@@ -126,9 +142,7 @@ def bridge_config(
             unverified_hints_per_minute=UNVERIFIED_HINTS_PER_MINUTE,
         ),
         accounts=tuple(
-            dataclasses.replace(
-                account, base_url=f"{sandbox_url}/{account.provider}", **QUERY_LIMITS
-            )
+            dataclasses.replace(account, base_url=f"{sandbox_url}/{account.provider}", **limits)
             for account in demo_accounts()
         ),
     )
@@ -172,30 +186,23 @@ class Answer:
     status: int
 
 
-async def post_all(url: str, callbacks: Sequence[Callback], concurrency: int) -> list[Answer]:
-    """Posts every callback once, `concurrency` at a time; each answer, in order."""
-    answers: list[Answer | None] = [None] * len(callbacks)
-    turns = iter(range(len(callbacks)))
-
-    async def client() -> None:
-        limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
-        async with httpx.AsyncClient(base_url=url, timeout=HTTP_TIMEOUT, limits=limits) as http:
-            for i in turns:  # shared: each callback goes to whichever client is free
-                callback = callbacks[i]
-                sent = time.monotonic()
-                try:
-                    answer = await http.post(
-                        callback.path,
-                        content=callback.body,
-                        headers={"content-type": callback.content_type},
-                    )
-                    status = answer.status_code
-                except httpx.HTTPError:
-                    status = 0
-                answers[i] = Answer(sent, time.monotonic(), status)
-
-    await asyncio.gather(*(client() for _ in range(concurrency)))
-    return [a for a in answers if a is not None]
+async def post_all(
+    url: str, callbacks: Sequence[Callback], concurrency: int, rate: float = 0.0
+) -> list[Answer]:
+    """Posts every callback once, `concurrency` at a time (`rate` a second, if given),
+    from a process of its own (poster.py); each answer, in order."""
+    host, _, port = url.removeprefix("http://").partition(":")
+    requests = [(c.path, c.content_type, c.body.decode("latin-1")) for c in callbacks]
+    options = ["--concurrency", str(concurrency), "--rate", str(rate)]
+    poster = await asyncio.create_subprocess_exec(
+        *(sys.executable, str(POSTER), host, port, *options),
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+    )
+    out, _ = await poster.communicate(json.dumps(requests).encode())
+    if poster.returncode != 0:
+        raise SystemExit("FAILED: the poster failed")
+    return [Answer(*answer) for answer in json.loads(out)]
 
 
 class Arrivals:
@@ -231,21 +238,24 @@ class Arrivals:
 # -- CPU of this process and its children ---------------------------------------------------
 
 
-def children() -> list[int]:
-    """This process's children (the broker and the bridge), where /proc tells."""
+def children(pid: int | str = "self") -> list[int]:
+    """A process's children (here: the broker and the bridge), where /proc tells."""
     found: list[int] = []
     with contextlib.suppress(OSError):
-        for task in os.listdir("/proc/self/task"):
-            with open(f"/proc/self/task/{task}/children", encoding="ascii") as listed:
-                found += [int(pid) for pid in listed.read().split()]
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children", encoding="ascii") as listed:
+                found += [int(child) for child in listed.read().split()]
     return found
 
 
-def cpu_times(roles: Mapping[str, int]) -> dict[str, float]:
-    """CPU seconds so far of each bridge role, this process (the driver) and the broker."""
-    others = [pid for pid in children() if pid not in roles.values()]
-    times = {role: cpu_seconds(pid) for role, pid in roles.items()}
-    times["driver"] = cpu_seconds("self")
+def cpu_times(roles: Mapping[str, Sequence[int]]) -> dict[str, float]:
+    """CPU seconds so far of each bridge role, the driver (this process, the sandbox and
+    reader, and the posters it has waited for) and the broker (the other children)."""
+    ours = {pid for pids in roles.values() for pid in pids}
+    others = [pid for pid in children() if pid not in ours]
+    times = {role: sum(map(cpu_seconds, pids)) for role, pids in roles.items()}
+    posters = resource.getrusage(resource.RUSAGE_CHILDREN)
+    times["driver"] = cpu_seconds("self") + posters.ru_utime + posters.ru_stime
     times["broker"] = sum(cpu_seconds(pid) for pid in others)
     return times
 
@@ -303,153 +313,255 @@ async def dead_letter_keys(config: Config) -> set[str]:
         await consumer.stop()
 
 
-async def measure(
-    orders: int, concurrency: int, latency_ms: float, mode: str
-) -> tuple[dict[str, float], bool]:
+@dataclass(frozen=True)
+class Run:
+    """One run's parameters."""
+
+    orders: int = 3000
+    concurrency: int = 32
+    latency_ms: float = 0.0
+    mode: str = "serve"
+    workers: int = 1
+    rate: float = 0.0
+    max_queries: int = QUERY_LIMITS["max_concurrent_queries"]
+    query_rate: float = QUERY_LIMITS["query_rate"]
+
+    @property
+    def limits(self) -> dict[str, Any]:
+        return {
+            **QUERY_LIMITS,
+            "max_concurrent_queries": self.max_queries,
+            "query_rate": self.query_rate,
+        }
+
+
+@contextlib.asynccontextmanager
+async def bridge_processes(
+    run: Run, config: Config, workdir: Path
+) -> AsyncIterator[tuple[dict[str, RoleProcess], dict[str, list[int]], list[str]]]:
+    """The run's bridge processes, ready; their pids by role (serve's worker child
+    counted as `worker`) and the URLs of their /metrics."""
+    url = f"http://127.0.0.1:{config.http.port}"
+    worker_ports = [config.worker.http_port, *(free_port() for _ in range(run.workers - 1))]
+    worker_urls = [f"http://127.0.0.1:{port}" for port in worker_ports]
+    async with contextlib.AsyncExitStack() as stack:
+        processes: dict[str, RoleProcess] = {}
+        for role in MODES[run.mode]:
+            if role != "worker":
+                processes[role] = await stack.enter_async_context(
+                    role_process(role, config, workdir)
+                )
+                await wait_ready(url, processes[role])
+                continue
+            for i, port in enumerate(worker_ports):  # each with a config file of its own
+                own = dataclasses.replace(
+                    config, worker=dataclasses.replace(config.worker, http_port=port)
+                )
+                directory = workdir / f"worker-{i}"
+                directory.mkdir()
+                processes[f"worker-{i}"] = await stack.enter_async_context(
+                    role_process(role, own, directory)
+                )
+            for i, worker_url in enumerate(worker_urls):
+                await wait_ready(worker_url, processes[f"worker-{i}"])
+        receiver = processes[MODES[run.mode][0]]
+        pids = {"receiver": [receiver.pid]}
+        if run.mode == "serve":  # its worker is a child process, with probes of its own
+            await wait_ready(worker_urls[0], receiver)
+            pids["worker"] = children(receiver.pid)
+        elif run.mode == "split":
+            pids["worker"] = [p.pid for role, p in processes.items() if role != "receiver"]
+        yield processes, pids, [url] if run.mode == "receiver" else [url, *worker_urls]
+
+
+async def measure(run: Run) -> tuple[dict[str, float], bool]:
     """The figures, and whether the ledger balanced."""
     suffix = uuid.uuid4().hex[:8]
     accounts = {a.provider: a.name for a in demo_accounts()}
     sandbox = Sandbox(demo_accounts(), seed=SEED)
-    if latency_ms:
+    if run.latency_ms:
         for name in accounts.values():
-            sandbox.set_faults(name, Faults(latency=latency_ms / 1000))
+            sandbox.set_faults(name, Faults(latency=run.latency_ms / 1000))
     warm_up = make_orders(sandbox, accounts, len(PROVIDERS))
-    print(f"creating {orders:,} orders and their callbacks ...", flush=True)
-    callbacks = make_orders(sandbox, accounts, orders)
+    print(f"creating {run.orders:,} orders and their callbacks ...", flush=True)
+    callbacks = make_orders(sandbox, accounts, run.orders)
+    follows = run.mode != "receiver"
     async with contextlib.AsyncExitStack() as stack:
         print("starting the embedded broker and the sandbox ...", flush=True)
         broker = await stack.enter_async_context(embedded_broker())
         sandbox_url = await stack.enter_async_context(serve(sandbox.app))
-        roles = MODES[mode]
-        print(f"starting order-bridge {' + '.join(roles)} (joining the group takes a while) ...")
+        print(f"starting order-bridge {' + '.join(MODES[run.mode])} ...", flush=True)
         port, worker_port = free_port(), free_port()
-        config = bridge_config(broker.bootstrap_servers, sandbox_url, suffix, port, worker_port)
+        config = bridge_config(
+            broker.bootstrap_servers, sandbox_url, suffix, port, worker_port, run.limits
+        )
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-pipe-")))
-        processes = {}
-        url = f"http://127.0.0.1:{port}"
-        worker_url = url if mode == "serve" else f"http://127.0.0.1:{worker_port}"
-        for role in roles:
-            processes[role] = await stack.enter_async_context(role_process(role, config, workdir))
-        for role, process in processes.items():
-            await wait_ready(worker_url if role == "worker" else url, process)
-        pids = {role: process.pid for role, process in processes.items()}
+        processes, pids, metrics_urls = await stack.enter_async_context(
+            bridge_processes(run, config, workdir)
+        )
         print(f"bridge pids: {pids}", flush=True)
+        url = f"http://127.0.0.1:{port}"
         arrivals = await stack.enter_async_context(Arrivals.following(config))
 
         answers = await post_all(url, warm_up, 1)
         if any(a.status != 200 for a in answers):
             raise SystemExit(f"FAILED: warm-up callbacks answered {[a.status for a in answers]}")
-        if not await arrivals.wait([c.key for c in warm_up], START_TIMEOUT):
+        if follows and not await arrivals.wait([c.key for c in warm_up], START_TIMEOUT):
             raise SystemExit(f"FAILED: no warm-up events after {START_TIMEOUT:g}s")
         queries_before = len(sandbox.queries)
 
-        print(f"posting {orders:,} callbacks, {concurrency} at a time ...", flush=True)
+        paced = f", {run.rate:g} a second" if run.rate else ""
+        print(f"posting {run.orders:,} callbacks, {run.concurrency} at a time{paced} ...")
         cpu_before = cpu_times(pids)
-        answers = await post_all(url, callbacks, concurrency)
+        answers = await post_all(url, callbacks, run.concurrency, run.rate)
+        answered = time.monotonic()
         refused = Counter(a.status for a in answers if a.status != 200)
         if refused:
             shown = ", ".join(f"{n} x {status or 'no answer'}" for status, n in refused.items())
             print(f"callbacks not answered 200: {shown}")
         accepted = [c.key for c, a in zip(callbacks, answers, strict=True) if a.status == 200]
-        everything = await arrivals.wait(accepted, EVENT_TIMEOUT)
-        cpu_after = cpu_times(pids)
-        last_event = max((arrivals.seen[k][0] for k in accepted if k in arrivals.seen), default=0)
-        await asyncio.sleep(GRACE)
-        events = sum(1 for k in accepted if k in arrivals.seen)
-        missing = [k for k in accepted if k not in arrivals.seen]
-        dead = await dead_letter_keys(config) if missing else set()
-        dead_letters = sum(1 for k in missing if k in dead)
         sent = len(callbacks)
-        balanced = (
-            sent == len(accepted) + refused.total() and len(accepted) == events + dead_letters
-        )
-        summary = "; ".join(
-            [await metrics_summary(url)]
-            + ([await metrics_summary(worker_url)] if mode == "split" else [])
-        )
-        print(
-            f"ledger: sent {sent:,} = accepted {len(accepted):,} + refused {refused.total():,}; "
-            f"accepted {len(accepted):,} {'=' if balanced else '!='} events {events:,} "
-            f"+ dead letters {dead_letters:,}" + ("" if balanced else "  VOID")
-        )
-        if not everything:
-            print(f"{len(missing):,} events missing {EVENT_TIMEOUT:g}s after the last answer")
-        repeated = {k: len(arrivals.seen[k]) for k in accepted if len(arrivals.seen.get(k, [])) > 1}
-        if repeated:
-            key, count = next(iter(repeated.items()))
-            raise SystemExit(
-                f"FAILED: {len(repeated):,} orders got more than one event (e.g. {key}: {count})"
+        if follows:
+            everything = await arrivals.wait(accepted, EVENT_TIMEOUT)
+        cpu_after = cpu_times(pids)
+        if follows:
+            last_event = max(
+                (arrivals.seen[k][0] for k in accepted if k in arrivals.seen), default=0
             )
-        wrong = {
-            k: s
-            for k in accepted
-            if (s := arrivals.statuses.get(k, {"succeeded"})) != {"succeeded"}
-        }
-        if wrong:
-            raise SystemExit(f"FAILED: {len(wrong):,} orders' events not succeeded: {wrong}")
+            await asyncio.sleep(GRACE)
+            events = sum(1 for k in accepted if k in arrivals.seen)
+            missing = [k for k in accepted if k not in arrivals.seen]
+            dead = await dead_letter_keys(config) if missing else set()
+            dead_letters = sum(1 for k in missing if k in dead)
+            balanced = (
+                sent == len(accepted) + refused.total() and len(accepted) == events + dead_letters
+            )
+            print(
+                f"ledger: sent {sent:,} = accepted {len(accepted):,} + refused "
+                f"{refused.total():,}; accepted {len(accepted):,} {'=' if balanced else '!='} "
+                f"events {events:,} + dead letters {dead_letters:,}"
+                + ("" if balanced else "  VOID")
+            )
+            if not everything:
+                print(f"{len(missing):,} events missing {EVENT_TIMEOUT:g}s after the last answer")
+            check_events(arrivals, accepted)
+        else:  # each 200 is a record in the inbox; a refusal may be one too (a 503 late)
+            last_event, events = answered, 0
+            stored = await topic_records(broker.bootstrap_servers, config.kafka.inbox_topic)
+            stored -= len(warm_up)
+            balanced = len(accepted) <= stored <= sent
+            print(
+                f"ledger: sent {sent:,} = accepted {len(accepted):,} + refused "
+                f"{refused.total():,}; inbox records {stored:,}, between the accepted and "
+                f"the sent" + ("" if balanced else ": no, VOID")
+            )
+        summary = "; ".join([await metrics_summary(u) for u in metrics_urls])
         queries = len(sandbox.queries) - queries_before
-        peak = sum(rss_bytes(pid)[1] for pid in pids.values())
+        peak = sum(rss_bytes(pid)[1] for role_pids in pids.values() for pid in role_pids)
         print(f"bridge metrics: {summary}")
         for role, process in processes.items():
             warnings = [line for line in process.log_lines() if line.strip()]
             if len(warnings) > 1:  # the start line is always there
                 print(f"{role} log: {len(warnings)} lines, the last: {warnings[-1]}")
 
-    if not accepted or not events:
+    if not accepted or (follows and not events):
         raise SystemExit("VOID: no callback accepted or no event read")
     first_sent = min(a.sent for a in answers)
     window = last_event - first_sent
     latencies = [a.answered - a.sent for a in answers]
-    seen = [(c, a) for c, a in zip(callbacks, answers, strict=True) if c.key in arrivals.seen]
-    e2e = [arrivals.seen[c.key][0] - a.answered for c, a in seen]
-    c2e = [arrivals.seen[c.key][0] - a.sent for c, a in seen]
     figures = {
         "accepted_per_s": len(accepted) / (max(a.answered for a in answers) - first_sent),
         "answer_p50_ms": percentile(latencies, 0.50) * 1000,
         "answer_p99_ms": percentile(latencies, 0.99) * 1000,
-        "e2e_p50_ms": percentile(e2e, 0.50) * 1000,
-        "e2e_p99_ms": percentile(e2e, 0.99) * 1000,
-        "c2e_p50_ms": percentile(c2e, 0.50) * 1000,
-        "c2e_p99_ms": percentile(c2e, 0.99) * 1000,
-        "c2e_p999_ms": percentile(c2e, 0.999) * 1000,
-        "events_per_s": events / window,
-        "queries_per_order": queries / orders,
         "bridge_peak_rss_mib": peak / MIB,
     }
+    if follows:
+        seen = [(c, a) for c, a in zip(callbacks, answers, strict=True) if c.key in arrivals.seen]
+        e2e = [arrivals.seen[c.key][0] - a.answered for c, a in seen]
+        c2e = [arrivals.seen[c.key][0] - a.sent for c, a in seen]
+        figures |= {
+            "e2e_p50_ms": percentile(e2e, 0.50) * 1000,
+            "e2e_p99_ms": percentile(e2e, 0.99) * 1000,
+            "c2e_p50_ms": percentile(c2e, 0.50) * 1000,
+            "c2e_p99_ms": percentile(c2e, 0.99) * 1000,
+            "c2e_p999_ms": percentile(c2e, 0.999) * 1000,
+            "events_per_s": events / window,
+            "queries_per_order": queries / run.orders,
+        }
     used = {part: cpu_after[part] - cpu_before[part] for part in cpu_after}
-    used["bridge"] = sum(used[role] for role in roles)
-    for part in ("bridge", "driver", "broker", *(r for r in roles if mode == "split")):
+    used["bridge"] = sum(used[role] for role in pids)
+    for part in ("bridge", "driver", "broker", *pids):
         figures[f"{part}_cpu_pct"] = used[part] / window * 100
-        figures[f"{part}_cpu_ms"] = used[part] / orders * 1000
+        figures[f"{part}_cpu_ms"] = used[part] / run.orders * 1000
     return figures, balanced
+
+
+def check_events(arrivals: Arrivals, accepted: Sequence[str]) -> None:
+    """FAILED unless each order has at most one event, and that one `succeeded`."""
+    repeated = {k: len(arrivals.seen[k]) for k in accepted if len(arrivals.seen.get(k, [])) > 1}
+    if repeated:
+        key, count = next(iter(repeated.items()))
+        raise SystemExit(
+            f"FAILED: {len(repeated):,} orders got more than one event (e.g. {key}: {count})"
+        )
+    wrong = {
+        k: s for k in accepted if (s := arrivals.statuses.get(k, {"succeeded"})) != {"succeeded"}
+    }
+    if wrong:
+        raise SystemExit(f"FAILED: {len(wrong):,} orders' events not succeeded: {wrong}")
 
 
 # -- the report --------------------------------------------------------------------------
 
 
-def params(orders: int, concurrency: int, latency_ms: float, mode: str) -> dict[str, Any]:
-    """The run's parameters; latency and mode only when not the default (the saved
-    baseline predates them, and is a run with neither)."""
-    run: dict[str, Any] = {"orders": orders, "concurrency": concurrency}
-    if latency_ms:
-        run["provider_latency_ms"] = latency_ms
-    if mode != "serve":
-        run["mode"] = mode
-    return run
+def params(run: Run) -> dict[str, Any]:
+    """The run's parameters; those at their default only for orders and concurrency (the
+    saved baseline predates the others, and is a run with none)."""
+    shown: dict[str, Any] = {"orders": run.orders, "concurrency": run.concurrency}
+    default = Run()
+    for name, key in PARAMS.items():
+        if getattr(run, name) != getattr(default, name):
+            shown[key] = getattr(run, name)
+    return shown
+
+
+# Run's fields as a baseline names them.
+PARAMS = {
+    "latency_ms": "provider_latency_ms",
+    "mode": "mode",
+    "workers": "workers",
+    "rate": "rate",
+    "max_queries": "max_concurrent_queries",
+    "query_rate": "query_rate",
+}
 
 
 def describe(params: Mapping[str, Any]) -> str:
     text = f"{params['orders']:,} orders, {params['concurrency']} clients"
+    if params.get("rate"):
+        text += f" at {params['rate']:g}/s"
     if params.get("provider_latency_ms"):
         text += f", provider answering in {params['provider_latency_ms']:g} ms"
-    return text + f", {params.get('mode', 'serve')}"
+    if "max_concurrent_queries" in params or "query_rate" in params:
+        text += (
+            f", {params.get('max_concurrent_queries', Run.max_queries)} queries in flight"
+            f" and {params.get('query_rate', Run.query_rate):g}/s an account"
+        )
+    text += f", {params.get('mode', 'serve')}"
+    return text + (f" with {params['workers']} workers" if params.get("workers") else "")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--orders", type=int, default=3000, help="orders, callbacks (3000)")
+    parser.add_argument("--orders", type=int, default=Run.orders, help="orders, callbacks (3000)")
     parser.add_argument(
-        "--concurrency", type=int, default=32, help="concurrent HTTP clients posting (32)"
+        "--concurrency", type=int, default=Run.concurrency, help="connections posting (32)"
+    )
+    parser.add_argument(
+        "--rate",
+        type=float,
+        default=0.0,
+        help="callbacks a second, paced (default 0: each connection posts when answered)",
     )
     parser.add_argument(
         "--provider-latency",
@@ -462,37 +574,79 @@ def main() -> None:
         "--mode",
         choices=sorted(MODES),
         default="serve",
-        help="serve: one `order-bridge serve`; split: `receiver` + `worker` processes",
+        help="serve: `order-bridge serve`; split: `receiver` + `worker` processes; "
+        "receiver: a `receiver` alone (no events)",
+    )
+    parser.add_argument(
+        "--against-receiver",
+        action="store_true",
+        help="first the same run with a `receiver` alone, then the ratio of callbacks/s",
+    )
+    parser.add_argument("--workers", type=int, default=1, help="worker processes in split (1)")
+    parser.add_argument(
+        "--max-queries", type=int, default=Run.max_queries, help="queries in flight an account"
+    )
+    parser.add_argument(
+        "--query-rate", type=float, default=Run.query_rate, help="queries/s an account"
     )
     parser.add_argument(
         "--save-baseline", action="store_true", help=f"save this run's figures as {BASELINE.name}"
     )
     args = parser.parse_args()
-    if args.orders < 1 or args.concurrency < 1 or args.provider_latency < 0:
-        parser.error("--orders and --concurrency must be at least 1, --provider-latency >= 0")
-
-    try:
-        figures, balanced = asyncio.run(
-            measure(args.orders, args.concurrency, args.provider_latency, args.mode)
+    if args.orders < 1 or args.concurrency < 1 or args.provider_latency < 0 or args.rate < 0:
+        parser.error(
+            "--orders and --concurrency must be at least 1; --provider-latency and "
+            "--rate at least 0"
         )
+    if args.workers != 1 and args.mode != "split":
+        parser.error("--workers is for --mode split")
+    run = Run(
+        args.orders,
+        args.concurrency,
+        args.provider_latency,
+        args.mode,
+        args.workers,
+        args.rate,
+        args.max_queries,
+        args.query_rate,
+    )
+    runs = [dataclasses.replace(run, mode="receiver"), run] if args.against_receiver else [run]
+    rates = []
+    for each in runs:
+        figures = measured(each)
+        rates.append(figures["accepted_per_s"])
+    if args.against_receiver:
+        print(
+            f"\n{run.mode} answered {rates[1]:,.0f} callbacks/s, a receiver alone {rates[0]:,.0f}:"
+            f" {rates[1] / rates[0]:.2f} of it"
+        )
+    if args.save_baseline:
+        save_baseline(BASELINE, params(run), shown_figures(run, figures), figures)
+
+
+def shown_figures(run: Run, figures: Mapping[str, float]) -> tuple[Figure, ...]:
+    return tuple(f for f in (*FIGURES, *ROLE_FIGURES) if f.name in figures)
+
+
+def measured(run: Run) -> dict[str, float]:
+    """Measures and reports one run; SystemExit if it fails or is void."""
+    try:
+        figures, balanced = asyncio.run(measure(run))
     except StartupError as exc:
         raise SystemExit(f"FAILED: {exc}") from None
-    run = params(args.orders, args.concurrency, args.provider_latency, args.mode)
-    shown = FIGURES + (SPLIT_FIGURES if args.mode == "split" else ())
     report(
-        shown,
+        shown_figures(run, figures),
         figures,
         load_baseline(BASELINE),
-        title=f"{describe(run)}, {PARTITIONS} partitions, bridge in processes of its own",
+        title=f"{describe(params(run))}, {PARTITIONS} partitions, bridge in processes of its own",
         path=BASELINE,
-        params=run,
+        params=params(run),
         describe=describe,
         mismatch="other parameters: nothing is compared",
     )
     if not balanced:
         raise SystemExit("VOID: the ledger does not balance")
-    if args.save_baseline:
-        save_baseline(BASELINE, run, shown, figures)
+    return figures
 
 
 if __name__ == "__main__":

@@ -50,8 +50,20 @@ def test_ingest_prints_figures_and_ratios() -> None:
 
 @pytest.mark.slow
 def test_pipeline_prints_figures_and_balanced_ledger() -> None:
-    output = run("pipeline.py", "--orders", "12", "--concurrency", "4", "--mode", "split")
+    output = run(
+        "pipeline.py", "--orders", "12", "--concurrency", "4", "--mode", "split", "--workers", "2"
+    )
     assert "ledger: sent 12 = accepted 12 + refused 0; accepted 12 = events 12" in output
+    assert "split with 2 workers" in output
     assert "events/s overall" in output
     assert "callback sent -> event readable, p99.9 ms" in output
-    assert "worker process CPU ms / order" in output
+    assert "worker(s) CPU ms / order" in output
+
+
+@pytest.mark.slow
+def test_pipeline_compares_serve_with_a_receiver_alone() -> None:
+    output = run("pipeline.py", "--orders", "12", "--concurrency", "4", "--against-receiver")
+    assert "inbox records 12, between the accepted and the sent" in output
+    assert "ledger: sent 12 = accepted 12 + refused 0; accepted 12 = events 12" in output
+    assert "serve answered" in output
+    assert "callbacks/s, a receiver alone" in output

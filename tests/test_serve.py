@@ -19,6 +19,7 @@ import pytest
 
 from bridge.broker import free_port
 from bridge.config import KafkaSettings
+from bridge.processes import WORKER_NICENESS
 from tests.bridge_fixtures import bridge_config, config_toml
 from tests.conftest import RunningSandbox
 from tests.kafka import read_topic
@@ -138,6 +139,10 @@ async def test_the_worker_runs_in_a_child_and_both_stop_cleanly_on_sigterm(
 ) -> None:
     async with serving(sandbox, kafka_settings, tmp_path) as serve:
         worker = await serve.worker()
+        # Short of CPU, the receiver goes first: the worker's backlog waits in the inbox.
+        assert os.getpriority(os.PRIO_PROCESS, worker) == (
+            os.getpriority(os.PRIO_PROCESS, serve.process.pid) + WORKER_NICENESS
+        )
         await post_one(sandbox, serve, kafka_settings)
         code, log = await serve.stop()
     assert code == 0, log

@@ -60,12 +60,16 @@ async def partitions_of(settings: KafkaSettings, topic: str) -> list[int]:
 
 @contextlib.asynccontextmanager
 async def follow_topic(
-    settings: KafkaSettings, topic: str, *, from_beginning: bool
+    settings: KafkaSettings, topic: str, *, from_beginning: bool, max_wait_ms: int = 100
 ) -> AsyncIterator[AsyncIterator[ConsumerRecord]]:
     """Yields an iterator over the records of `topic` as they arrive, without a group,
-    from its beginning or its end. A topic that does not exist is a StartupError."""
+    from its beginning or its end. A topic that does not exist is a StartupError.
+
+    `max_wait_ms`: how long the broker may hold a fetch that finds nothing new. Kafka
+    answers it as soon as a record comes; a broker that does not (the embedded one)
+    makes it a record's delay."""
     consumer = AIOKafkaConsumer(
-        **client_options(settings), enable_auto_commit=False, fetch_max_wait_ms=100
+        **client_options(settings), enable_auto_commit=False, fetch_max_wait_ms=max_wait_ms
     )
     try:
         with kafka_errors(settings):
@@ -91,11 +95,11 @@ async def _records(consumer: AIOKafkaConsumer) -> AsyncIterator[ConsumerRecord]:
 
 @contextlib.asynccontextmanager
 async def follow(
-    settings: KafkaSettings, *, from_beginning: bool
+    settings: KafkaSettings, *, from_beginning: bool, max_wait_ms: int = 100
 ) -> AsyncIterator[AsyncIterator[Event]]:
     """Yields an iterator over the status topic's events, as they arrive, without a group."""
     async with follow_topic(
-        settings, settings.status_topic, from_beginning=from_beginning
+        settings, settings.status_topic, from_beginning=from_beginning, max_wait_ms=max_wait_ms
     ) as records:
         yield _events(records)
 
@@ -115,10 +119,10 @@ async def _events(records: AsyncIterator[ConsumerRecord]) -> AsyncIterator[Event
 
 @contextlib.asynccontextmanager
 async def each_event(
-    settings: KafkaSettings, handle: Callable[[Event], Awaitable[None]]
+    settings: KafkaSettings, handle: Callable[[Event], Awaitable[None]], *, max_wait_ms: int = 100
 ) -> AsyncIterator[None]:
     """Calls `handle` for every status event, from the first on, while the block runs."""
-    async with follow(settings, from_beginning=True) as events:
+    async with follow(settings, from_beginning=True, max_wait_ms=max_wait_ms) as events:
 
         async def consume() -> None:
             async for event in events:

@@ -169,7 +169,7 @@ class ProviderClient:
             idle.pop(0).close()
 
     async def aclose(self) -> None:
-        """Closes every connection; requests in flight fail with `httpx.ReadError`."""
+        """Closes every connection; requests in flight fail with an `httpx.HTTPError`."""
         self._closed = True
         connections = [*self._busy, *(c for idle in self._idle.values() for c in idle)]
         self._busy.clear()

@@ -7,6 +7,7 @@ re-publishing a change after a crash gives the same `ce_id`.
 
 from __future__ import annotations
 
+import functools
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
@@ -36,13 +37,20 @@ class StatusEvent:
     trigger: Trigger
     observed_at: datetime
 
-    @property
+    # Cached: the headers, the state and the log line each need it (and `observed_text`),
+    # and a UUIDv5 is a SHA-1 and a str() away.
+    @functools.cached_property
     def id(self) -> str:
         s = self.snapshot
         change = "\n".join(
             (s.key, self.previous_event_id or "", s.status.value, str(s.provider_status.code))
         )
         return str(uuid.uuid5(_EVENT_NAMESPACE, change))
+
+    @functools.cached_property
+    def observed_text(self) -> str:
+        """`observed_at` as the event writes it."""
+        return iso(self.observed_at)
 
     @property
     def source(self) -> str:
@@ -55,7 +63,7 @@ class StatusEvent:
             ("ce_source", self.source.encode()),
             ("ce_type", EVENT_TYPE.encode()),
             ("ce_subject", self.snapshot.order_id.encode()),
-            ("ce_time", iso(self.observed_at).encode()),
+            ("ce_time", self.observed_text.encode()),
             ("ce_dataschema", DATASCHEMA.encode()),
             ("content-type", b"application/json"),
         ]
@@ -74,7 +82,7 @@ class StatusEvent:
             "provider_status": s["provider_status"],
             "amount": s["amount"],
             "currency": s["currency"],
-            "observed_at": iso(self.observed_at),
+            "observed_at": self.observed_text,
             "trigger": self.trigger,
             "details": s["details"],
         }

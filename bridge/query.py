@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import httpx
 
@@ -12,6 +12,10 @@ from bridge.accounts import Account
 from bridge.errors import InvalidAnswer, OrderNotFound, ProviderError, ProviderUnavailable
 from bridge.orders import OrderSnapshot
 from bridge.providers.base import ProviderResponse
+from bridge.providers.client import AnswerTooLarge, ProviderClient
+
+# The worker's own client, or httpx's (the CLI's, and the worker's when traced).
+Http = httpx.AsyncClient | ProviderClient
 
 # An order-detail answer larger than this is refused: 20 orders with their cards fit
 # in a small fraction of it.
@@ -21,7 +25,7 @@ _MIN_SECRET_TAIL = 4
 
 
 async def query_orders(
-    http: httpx.AsyncClient, account: Account, order_ids: Sequence[str]
+    http: Http, account: Account, order_ids: Sequence[str]
 ) -> list[OrderSnapshot]:
     """The orders the provider confirms, of `order_ids` (at most the provider's `max_batch`)."""
     try:
@@ -50,7 +54,7 @@ def _scrubbed(error: ProviderError, account: Account) -> ProviderError:
 
 
 async def _query_orders(
-    http: httpx.AsyncClient, account: Account, order_ids: Sequence[str]
+    http: Http, account: Account, order_ids: Sequence[str]
 ) -> list[OrderSnapshot]:
     provider = providers.get(account.provider)
     request = provider.build_query(account, order_ids)
@@ -58,40 +62,57 @@ async def _query_orders(
     def unavailable(problem: str) -> ProviderUnavailable:
         return ProviderUnavailable(account.provider, account.name, list(order_ids), problem)
 
+    headers = request.headers
+    if trace := tracing.http_headers():
+        headers = {**headers, **trace}
     try:
-        # httpx's timeout bounds each read; this bounds the whole answer, however it drips.
-        async with asyncio.timeout(account.query_timeout):
-            async with http.stream(
-                "POST",
+        if isinstance(http, ProviderClient):
+            answer = await http.post(
                 request.url,
-                content=request.content,
-                headers={**request.headers, **tracing.http_headers()},
+                headers,
+                request.content,
                 timeout=account.query_timeout,
-            ) as response:
-                content = bytearray()
-                async for chunk in response.aiter_bytes():
-                    content += chunk
-                    if len(content) > MAX_ANSWER_BYTES:
-                        raise InvalidAnswer(
-                            account.provider,
-                            account.name,
-                            list(order_ids),
-                            f"answer over {MAX_ANSWER_BYTES} bytes",
-                        )
+                max_bytes=MAX_ANSWER_BYTES,
+            )
+        else:
+            answer = await _post(http, request.url, headers, request.content, account)
+    except AnswerTooLarge:
+        raise InvalidAnswer(
+            account.provider, account.name, list(order_ids), f"answer over {MAX_ANSWER_BYTES} bytes"
+        ) from None
     except (httpx.TimeoutException, TimeoutError):
         raise unavailable(f"no answer within {account.query_timeout:g}s") from None
     except httpx.HTTPError as exc:
         # The message names the host and the OS error only; credentials travel in bodies.
         raise unavailable(f"unreachable: {type(exc).__name__}: {exc}") from None
-    answer = ProviderResponse(
-        status_code=response.status_code,
-        content_type=response.headers.get("content-type", ""),
-        content=bytes(content),
-    )
     return provider.parse_query(account, order_ids, answer)
 
 
-async def query_order(http: httpx.AsyncClient, account: Account, order_id: str) -> OrderSnapshot:
+async def _post(
+    http: httpx.AsyncClient,
+    url: str,
+    headers: Mapping[str, str],
+    content: bytes,
+    account: Account,
+) -> ProviderResponse:
+    # httpx's timeout bounds each read; this bounds the whole answer, however it drips.
+    async with asyncio.timeout(account.query_timeout):
+        async with http.stream(
+            "POST", url, content=content, headers=headers, timeout=account.query_timeout
+        ) as response:
+            body = bytearray()
+            async for chunk in response.aiter_bytes():
+                body += chunk
+                if len(body) > MAX_ANSWER_BYTES:
+                    raise AnswerTooLarge(f"answer over {MAX_ANSWER_BYTES} bytes")
+    return ProviderResponse(
+        status_code=response.status_code,
+        content_type=response.headers.get("content-type", ""),
+        content=bytes(body),
+    )
+
+
+async def query_order(http: Http, account: Account, order_id: str) -> OrderSnapshot:
     """One order as the provider confirms it; `OrderNotFound` when it does not know it."""
     for snapshot in await query_orders(http, account, [order_id]):
         return snapshot

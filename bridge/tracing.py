@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from contextvars import ContextVar
 from typing import TYPE_CHECKING
 
@@ -73,6 +73,11 @@ def disable() -> None:
         _otel = None
 
 
+def enabled() -> bool:
+    """Whether this process traces with OpenTelemetry."""
+    return _otel is not None
+
+
 def instrument_app(app: Starlette) -> None:
     if _otel is not None:
         _otel.instrument_app(app)
@@ -94,22 +99,31 @@ def for_callback(header: str | None) -> str | None:
     return current() or parse(header)
 
 
-@contextlib.contextmanager
 def resumed(
     traceparent: str | None, span: str | None = None, attributes: Mapping[str, str] | None = None
-) -> Iterator[None]:
+) -> contextlib.AbstractContextManager[None]:
     """Runs the block in the trace of `traceparent` (a new trace when None): when traced,
     in a span named `span` with `attributes` (without `span`, as a child of the parent
     itself); else with `traceparent` carried as it is."""
     if _otel is not None:
-        with _otel.resumed(traceparent, span, attributes or {}):
-            yield
-        return
-    token = _carried.set(traceparent)
-    try:
-        yield
-    finally:
-        _carried.reset(token)
+        return _otel.resumed(traceparent, span, attributes or {})
+    return _Carried(traceparent)
+
+
+class _Carried:
+    """`traceparent` carried through a block. A class, not a generator: every hint and
+    query enters one, and a generator's context manager costs several times as much."""
+
+    __slots__ = ("_token", "_traceparent")
+
+    def __init__(self, traceparent: str | None) -> None:
+        self._traceparent = traceparent
+
+    def __enter__(self) -> None:
+        self._token = _carried.set(self._traceparent)
+
+    def __exit__(self, *exc_info: object) -> None:
+        _carried.reset(self._token)
 
 
 def http_headers() -> dict[str, str]:

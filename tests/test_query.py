@@ -22,7 +22,8 @@ from bridge.errors import (
     ProviderUnavailable,
 )
 from bridge.orders import Status
-from bridge.query import MAX_ANSWER_BYTES, query_order, query_orders
+from bridge.providers.client import ProviderClient
+from bridge.query import MAX_ANSWER_BYTES, Http, query_order, query_orders
 from bridge.sandbox import Faults
 from bridge.worker.transport import ProviderTransport
 from tests.conftest import RunningSandbox
@@ -31,9 +32,15 @@ from tests.helpers import SECRETS, make_accounts
 PROVIDERS = ["lemft", "lunpay", "kasushou"]
 
 
-def provider_client() -> httpx.AsyncClient:
-    """A client on the worker's transport, which every query of the bridge goes through."""
-    return httpx.AsyncClient(transport=ProviderTransport())
+Client = Callable[[], Http]
+
+
+@pytest.fixture(params=["provider-client", "httpx"])
+def provider_client(request: pytest.FixtureRequest) -> Client:
+    """The worker's clients: its own (untraced), or httpx on its transport (traced)."""
+    if request.param == "httpx":
+        return lambda: httpx.AsyncClient(transport=ProviderTransport())
+    return lambda: ProviderClient("order-bridge/test")
 
 
 # Each provider's code for "succeeded".
@@ -42,7 +49,7 @@ SUCCEEDED = {"lemft": 1, "lunpay": 4, "kasushou": 3}
 
 @pytest.mark.parametrize("provider", PROVIDERS)
 async def test_query_confirms_the_order_and_follows_its_changes(
-    sandbox: RunningSandbox, provider: str
+    sandbox: RunningSandbox, provider: str, provider_client: Client
 ) -> None:
     account = sandbox.accounts[provider]
     order = sandbox.sandbox.create_order(account.name, amount=Decimal("375.28"), currency="USD")
@@ -59,7 +66,7 @@ async def test_query_confirms_the_order_and_follows_its_changes(
 
 @pytest.mark.parametrize("provider", PROVIDERS)
 async def test_wrong_credentials_get_the_providers_error(
-    sandbox: RunningSandbox, provider: str
+    sandbox: RunningSandbox, provider: str, provider_client: Client
 ) -> None:
     account = sandbox.accounts[provider]
     order = sandbox.sandbox.create_order(account.name)
@@ -76,7 +83,9 @@ async def test_wrong_credentials_get_the_providers_error(
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
-async def test_unknown_order(sandbox: RunningSandbox, provider: str) -> None:
+async def test_unknown_order(
+    sandbox: RunningSandbox, provider: str, provider_client: Client
+) -> None:
     async with provider_client() as http:
         with pytest.raises(OrderNotFound) as caught:
             await query_order(http, sandbox.accounts[provider], "NO-SUCH-ORDER")
@@ -84,7 +93,9 @@ async def test_unknown_order(sandbox: RunningSandbox, provider: str) -> None:
     assert "NO-SUCH-ORDER" in str(caught.value)
 
 
-async def test_kasushou_batch_is_one_query(sandbox: RunningSandbox) -> None:
+async def test_kasushou_batch_is_one_query(
+    sandbox: RunningSandbox, provider_client: Client
+) -> None:
     account = sandbox.accounts["kasushou"]
     ids = [sandbox.sandbox.create_order(account.name).order_id for _ in range(3)]
     async with provider_client() as http:
@@ -103,7 +114,11 @@ async def test_kasushou_batch_is_one_query(sandbox: RunningSandbox) -> None:
 )
 @pytest.mark.parametrize("provider", PROVIDERS)
 async def test_failing_provider_gives_transient_errors(
-    sandbox: RunningSandbox, provider: str, faults: Faults, problem: str
+    sandbox: RunningSandbox,
+    provider: str,
+    faults: Faults,
+    problem: str,
+    provider_client: Client,
 ) -> None:
     account = dataclasses.replace(sandbox.accounts[provider], query_timeout=0.3)
     order = sandbox.sandbox.create_order(account.name)
@@ -117,7 +132,7 @@ async def test_failing_provider_gives_transient_errors(
             assert_no_secret(caught.value)
 
 
-async def test_unreachable_provider() -> None:
+async def test_unreachable_provider(provider_client: Client) -> None:
     account = Account(
         name="gone",
         provider="lunpay",
@@ -186,6 +201,7 @@ async def test_an_answer_must_end_in_time_and_within_a_size(
     timeout: float,
     error: type[ProviderError],
     problem: str,
+    provider_client: Client,
 ) -> None:
     async with raw_provider(answer) as url, provider_client() as http:
         lunpay = make_accounts()["lunpay"]
@@ -217,7 +233,9 @@ CARD_KEY = "Y2FyZC1rZXktZm9yLXRoZS1zY3J1YmJpbmctdGVzdCE="
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
-async def test_provider_errors_never_echo_the_accounts_secrets(provider: str) -> None:
+async def test_provider_errors_never_echo_the_accounts_secrets(
+    provider: str, provider_client: Client
+) -> None:
     base = dataclasses.replace(make_accounts()[provider], card_key=Secret(CARD_KEY))
     (own,) = [s for s in base.secrets() if s != CARD_KEY]
     code = ERROR_ENVELOPES[provider]("")["code"]

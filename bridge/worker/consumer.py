@@ -22,9 +22,11 @@ from aiokafka.errors import IllegalStateError, KafkaError
 from aiokafka.protocol.group import LeaveGroupRequest
 from aiokafka.structs import ConsumerRecord
 
+from bridge import tracing
 from bridge.config import Config
 from bridge.kafka import Producer, client_options, stop_consumer
 from bridge.metrics import Metrics
+from bridge.providers.client import ProviderClient
 from bridge.state import Restored, StateStore
 from bridge.worker.confirm import Confirmer
 from bridge.worker.fence import Fence, Fenced
@@ -62,7 +64,12 @@ class Worker:
         )
         self._state = StateStore(config.kafka)
         self._schedule = PollSchedule()
-        self._gateways = Gateways(http, metrics, settings)
+        # Untraced, queries skip httpx (`bridge.providers.client` says why); traced, they
+        # go through the instrumented httpx client, so that each gets its client span.
+        self._client = None
+        if not tracing.enabled():
+            self._client = ProviderClient(http.headers.get("user-agent", "order-bridge"))
+        self._gateways = Gateways(self._client or http, metrics, settings)
         self._writer = OrderWriter(
             producer, config.kafka, self._state, Fence(settings.session_timeout)
         )
@@ -142,6 +149,8 @@ class Worker:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self._release(list(self._lanes))
         await self._gateways.aclose()
+        if self._client is not None:
+            await self._client.aclose()
         await self._leave_group()
         await stop_consumer(self._consumer)
         self._tasks = []

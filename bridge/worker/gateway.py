@@ -19,15 +19,13 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 
-import httpx
-
 from bridge import providers, tracing
 from bridge.accounts import Account
 from bridge.config import WorkerSettings
 from bridge.errors import OrderNotFound, ProviderRejected
 from bridge.metrics import Metrics, query_outcome
 from bridge.orders import OrderSnapshot
-from bridge.query import query_orders
+from bridge.query import Http, query_orders
 from bridge.worker.breaker import CircuitBreaker, State
 
 # One signed query for several order ids; answers the orders the provider knows.
@@ -306,7 +304,7 @@ class Gateways:
 
     def __init__(
         self,
-        http: httpx.AsyncClient,
+        http: Http,
         metrics: Metrics,
         settings: WorkerSettings | None = None,
     ) -> None:

@@ -332,15 +332,17 @@ class HintHandler:
         self._metrics.inc("order_bridge_events_published_total", status=snapshot.status.value)
         if trigger == "callback" and order.record is not None:
             self._observe_callback_to_event(order.account.provider, order.record.received_at)
-        log.info(
-            "%s: %s -> %s (%s, ce_id %s)",
-            shown(order.key),
-            known.status or "new",
-            snapshot.status,
-            trigger,
-            event.id,
-            extra={**order_fields(order.key), "ce_id": event.id},
-        )
+        # Its fields take a dict and a parse of the key: not worth making for nothing.
+        if log.isEnabledFor(logging.INFO):
+            log.info(
+                "%s: %s -> %s (%s, ce_id %s)",
+                shown(order.key),
+                known.status or "new",
+                snapshot.status,
+                trigger,
+                event.id,
+                extra={**order_fields(order.key), "ce_id": event.id},
+            )
         return published
 
     def _observe_callback_to_event(self, provider: str, received_at: str) -> None:

@@ -11,6 +11,10 @@ Each account's gateway already bounds its queries in flight, so the pool has not
 to queue or arbitrate: it keeps each origin's idle connections on a stack, and a
 request takes the one used last (checked alone) or opens a new one. Everything else
 is httpx's and httpcore's: connecting, TLS, HTTP/1.1, timeouts, the exceptions.
+
+An untraced worker's queries skip httpx altogether (`bridge.providers.client` says
+why); this transport carries those of a traced worker, whose httpx client is
+instrumented, and of any httpx client given it.
 """
 
 from __future__ import annotations

@@ -19,6 +19,7 @@ from typing import Any
 
 import orjson
 from aiokafka.errors import KafkaError
+from prometheus_client import Counter, Histogram
 from starlette.applications import Starlette
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
@@ -167,6 +168,13 @@ class Receiver:
         self.producer = producer
         self.metrics = metrics
         self.ready = ready
+        # Looked up for every callback: the registry imports its module each time.
+        self._accounts = {
+            (account.provider, account.name): (providers.get(account.provider), account)
+            for account in config.accounts
+        }
+        # The series a callback counts on, by provider, account and outcome (bounded sets).
+        self._callback_series: dict[tuple[str, str, str], tuple[Counter, Histogram]] = {}
 
     async def callback(
         self, scope: Scope, receive: Receive, send: Send, provider_name: str, account_name: str
@@ -290,9 +298,10 @@ class Receiver:
         return await read_body(receive, declared, http.max_body_bytes, http.body_timeout)
 
     def _find(self, provider_name: str, account_name: str) -> tuple[Provider, Account]:
-        if provider_name not in providers.names():
+        found = self._accounts.get((provider_name, account_name))
+        if found is None:
             raise UnknownAccount(provider_name, account_name)
-        return providers.get(provider_name), self.config.account(provider_name, account_name)
+        return found
 
     async def _store(self, record: InboxRecord) -> bool:
         """Writes `record` to the inbox; whether Kafka acked it within the inbox timeout."""
@@ -363,13 +372,22 @@ class Receiver:
 
     def _count_callback(self, provider: str, account: str, outcome: str, started: float) -> None:
         """Counts a callback and how long its answer took (`started`: `time.perf_counter()`)."""
-        self.metrics.inc(
-            "order_bridge_callbacks_total", provider=provider, account=account, outcome=outcome
-        )
-        elapsed = time.perf_counter() - started
-        self.metrics.observe(
-            "order_bridge_callback_seconds", elapsed, provider=provider, outcome=outcome
-        )
+        series = self._callback_series.get((provider, account, outcome))
+        if series is None:
+            series = self._callback_series[provider, account, outcome] = (
+                self.metrics.counter(
+                    "order_bridge_callbacks_total",
+                    provider=provider,
+                    account=account,
+                    outcome=outcome,
+                ),
+                self.metrics.histogram(
+                    "order_bridge_callback_seconds", provider=provider, outcome=outcome
+                ),
+            )
+        count, seconds = series
+        count.inc()
+        seconds.observe(time.perf_counter() - started)
 
 
 async def healthz(request: Request) -> Response:

@@ -5,7 +5,8 @@ Python, took a third of the process's CPU. Slow clients are cut off. uvicorn bou
 only the wait between requests on a kept-alive connection, so `_Protocol` adds the
 rest: a connection that never sends a byte is idle too, and a request's head must all
 come within `header_timeout` of its first byte, and fit in `MAX_HEAD_BYTES`. The body
-is the app's to bound (`bridge.receiver.read_body`).
+is the app's to bound (`bridge.receiver.read_body`), which `body_arrived` spares a
+deadline when there is nothing left to wait for.
 
 The socket is bound here, not by uvicorn: uvicorn answers a port in use with
 `sys.exit(3)` from inside its task, which escapes as a traceback after the rest of
@@ -22,7 +23,7 @@ import socket
 from collections.abc import AsyncIterator, Iterator
 
 import uvicorn
-from starlette.types import ASGIApp
+from starlette.types import ASGIApp, Receive
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
 from bridge.config import HttpSettings
@@ -166,6 +167,16 @@ class _HeadHeld:
         if self._held is not None:
             self._transport.write(self._held)
             self._held = None
+
+
+def body_arrived(receive: Receive) -> bool:
+    """Whether all of a request's body is in, so that reading it waits for nothing.
+
+    Known for requests served by `serve` (`receive` is uvicorn's cycle's); for others,
+    False.
+    """
+    cycle = getattr(receive, "__self__", None)
+    return isinstance(cycle, RequestResponseCycle) and not cycle.more_body
 
 
 def no_delay(transport: asyncio.BaseTransport) -> None:

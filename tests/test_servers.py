@@ -21,9 +21,10 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
+from starlette.types import Message, Receive, Scope, Send
 from uvicorn.server import ServerState
 
-from bridge.servers import MAX_HEAD_BYTES, _HeadHeld, _Protocol, listen, serve
+from bridge.servers import MAX_HEAD_BYTES, _HeadHeld, _Protocol, body_arrived, listen, serve
 
 HEADER_TIMEOUT = 0.4
 IDLE_TIMEOUT = 0.4
@@ -208,6 +209,39 @@ def test_answers_with_an_interim_head_or_no_body_are_whole(name: str) -> None:
         await writer.wait_closed()
 
     run_on(name, served(test))
+
+
+@pytest.mark.parametrize("name", LOOPS)
+def test_whether_a_body_has_all_arrived_is_known(name: str) -> None:
+    seen: list[bool] = []
+
+    async def test() -> None:
+        looked = asyncio.Event()
+
+        async def app(scope: Scope, receive: Receive, send: Send) -> None:
+            seen.append(body_arrived(receive))
+            looked.set()
+            while (await receive()).get("more_body"):
+                pass
+            seen.append(body_arrived(receive))
+            await PlainTextResponse("ok")(scope, receive, send)
+
+        async with serve(app) as url:
+            reader, writer = await connect(url)
+            writer.write(b"POST / HTTP/1.1\r\nhost: t\r\ncontent-length: 2\r\n\r\n")
+            await looked.wait()  # the app runs with the head alone
+            writer.write(b"hi")
+            assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 200 ")
+            writer.close()
+            await writer.wait_closed()
+
+    run_on(name, test)
+    assert seen == [False, True]
+
+    async def elsewhere() -> Message:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    assert not body_arrived(elsewhere)
 
 
 @pytest.mark.parametrize("name", LOOPS)

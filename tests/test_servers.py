@@ -41,8 +41,18 @@ async def echo(request: Request) -> Response:
     return PlainTextResponse(await request.body())
 
 
+async def slow(request: Request) -> Response:
+    # Longer than the idle timeout: a connection waiting for its answer is not idle.
+    await asyncio.sleep(IDLE_TIMEOUT * 1.5)
+    return PlainTextResponse("ok")
+
+
 APP = Starlette(
-    routes=[Route("/", ok, methods=["GET", "POST"]), Route("/echo", echo, methods=["POST"])]
+    routes=[
+        Route("/", ok, methods=["GET", "POST"]),
+        Route("/echo", echo, methods=["POST"]),
+        Route("/slow", slow),
+    ]
 )
 
 
@@ -260,6 +270,28 @@ def test_idle_connections_are_closed(name: str) -> None:
             head = await reader.readuntil(b"\r\n\r\n")
             assert head.startswith(b"HTTP/1.1 200 ")
             assert await reader.readexactly(2) == b"ok"
+        answer, took = await until_closed(reader, writer)
+        assert answer == b""
+        assert IDLE_TIMEOUT * 0.8 <= took < PATIENCE
+
+    run_on(name, served(test))
+
+
+@pytest.mark.parametrize("name", LOOPS)
+def test_busy_connections_are_kept(name: str) -> None:
+    async def test(url: str) -> None:
+        reader, writer = await connect(url)
+        started = time.monotonic()
+        # Requests a quarter of the idle timeout apart, for over twice its length.
+        while time.monotonic() - started < IDLE_TIMEOUT * 2.5:
+            writer.write(b"GET / HTTP/1.1\r\nhost: test\r\n\r\n")
+            assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 200 ")
+            assert await reader.readexactly(2) == b"ok"
+            await asyncio.sleep(IDLE_TIMEOUT / 4)
+        writer.write(b"GET /slow HTTP/1.1\r\nhost: test\r\n\r\n")
+        assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 200 ")
+        assert await reader.readexactly(2) == b"ok"
+        # Then idle: closed after the idle timeout, counted from that last answer.
         answer, took = await until_closed(reader, writer)
         assert answer == b""
         assert IDLE_TIMEOUT * 0.8 <= took < PATIENCE

@@ -98,7 +98,7 @@ def create_app(config: Config, producer: Producer, metrics: Metrics, ready: Read
 class _ReceiverApp(Starlette):
     """Starlette, with callbacks taken straight to `Receiver.callback`.
 
-    Starlette's middleware, router, Request and Response took a third of a callback's
+    Starlette's middleware, router, Request and Response took a sixth of a callback's
     CPU. A callback skips them while the app has no middleware of its own (tracing adds
     one, which must see every request); everything else, and a callback when it does
     not, goes through Starlette, whose route for callbacks answers the same

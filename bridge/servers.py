@@ -62,7 +62,7 @@ class _Protocol(HttpToolsProtocol):
     # made or its last answer went out. None while it is not.
     _idle_since: float | None = None
     # The connection's one idle timer. uvicorn arms and cancels one for every answer
-    # (a twentieth of a callback's CPU); this one, when due, looks at `_idle_since` and
+    # (3% of a callback's CPU); this one, when due, looks at `_idle_since` and
     # closes the connection or comes back when it could next be due.
     _idle_timer: asyncio.TimerHandle | None = None
 

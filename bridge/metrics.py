@@ -234,23 +234,31 @@ class Metrics:
         self._histograms: dict[tuple[object, ...], Histogram] = {}
 
     def inc(self, name: str, **labels: str) -> None:
+        self.counter(name, **labels).inc()
+
+    def counter(self, name: str, **labels: str) -> Counter:
+        """The series of the counter `name` with `labels`, to keep and count on."""
         # Labels in the caller's order: another order gets an entry of its own, same series.
         key = (name, *labels.items())
         series = self._counters.get(key)
         if series is None:
             series = self._counters[key] = _series(self._get(name, Counter), labels)
-        series.inc()
+        return series
 
     def set(self, name: str, value: float, **labels: str) -> None:
         metric = self._get(name, Gauge)
         (metric.labels(**labels) if labels else metric).set(value)
 
     def observe(self, name: str, seconds: float, **labels: str) -> None:
+        self.histogram(name, **labels).observe(seconds)
+
+    def histogram(self, name: str, **labels: str) -> Histogram:
+        """The series of the histogram `name` with `labels`, to keep and observe on."""
         key = (name, *labels.items())
         series = self._histograms.get(key)
         if series is None:
             series = self._histograms[key] = _series(self._get(name, Histogram), labels)
-        series.observe(seconds)
+        return series
 
     def sample(self, name: str, value: Callable[[], float]) -> None:
         """Makes the unlabelled gauge `name` call `value` whenever it is scraped."""

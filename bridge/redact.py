@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import re
 import urllib.parse
 from collections.abc import Callable
@@ -48,16 +49,24 @@ def mask_value(field: str, value: Any) -> Any:
 
 
 def mask_secrets(value: Any, hide: Callable[[str, Any], Any] = mask_value) -> Any:
-    """A copy of a decoded JSON payload with every secret field's value replaced by
-    `hide(field, value)`, at any depth: masked, unless told otherwise."""
+    """A decoded JSON payload with every secret field's value replaced by
+    `hide(field, value)`, at any depth: masked, unless told otherwise. A copy where
+    anything is replaced; `value` itself when nothing is (most callbacks: no copy made)."""
     if isinstance(value, dict):
-        hidden = {}
-        for name, item in value.items():
+        hidden: dict[Any, Any] | None = None
+        for index, (name, item) in enumerate(value.items()):
             field = _secret_leaf(name)
-            hidden[name] = mask_secrets(item, hide) if field is None else hide(field, item)
-        return hidden
+            new = mask_secrets(item, hide) if field is None else hide(field, item)
+            if hidden is not None:
+                hidden[name] = new
+            elif new is not item:
+                # The first change: the members before it are copied as they are.
+                hidden = dict(itertools.islice(value.items(), index))
+                hidden[name] = new
+        return value if hidden is None else hidden
     if isinstance(value, list):
-        return [mask_secrets(item, hide) for item in value]
+        items = [mask_secrets(item, hide) for item in value]
+        return value if all(a is b for a, b in zip(items, value, strict=True)) else items
     if isinstance(value, str) and value[:1] in ("[", "{"):
         # Form-encoded callbacks carry lists such as card_list as JSON text.
         try:
@@ -165,8 +174,19 @@ def _mask_form(text: str) -> str:
 
 def _secret_leaf(name: str) -> str | None:
     """The secret field `name` stands for, in lower case; `None` when it is not one."""
-    leaf = name.rsplit("[", 1)[-1].rstrip("]").strip().lower()
-    return leaf if leaf in SECRET_FIELDS else None
+    found = _LEAVES.get(name, "")  # never a value kept: not met yet
+    if found == "":
+        leaf = name.rsplit("[", 1)[-1].rstrip("]").strip().lower()
+        found = leaf if leaf in SECRET_FIELDS else None
+        if len(_LEAVES) < _MAX_LEAVES:
+            _LEAVES[name] = found
+    return found
+
+
+# What the field names met so far stand for: each callback names them again. Names
+# come from clients, so only the first _MAX_LEAVES are kept.
+_LEAVES: dict[str, str | None] = {}
+_MAX_LEAVES = 4096
 
 
 def shown(text: str, limit: int = 128) -> str:

@@ -5,7 +5,8 @@ Python, took a third of the process's CPU. Slow clients are cut off. uvicorn bou
 only the wait between requests on a kept-alive connection, so `_Protocol` adds the
 rest: a connection that never sends a byte is idle too, and a request's head must all
 come within `header_timeout` of its first byte, and fit in `MAX_HEAD_BYTES`. The body
-is the app's to bound (`bridge.receiver.read_body`).
+is the app's to bound (`bridge.receiver.read_body`), which `body_arrived` spares a
+deadline when there is nothing left to wait for.
 
 The socket is bound here, not by uvicorn: uvicorn answers a port in use with
 `sys.exit(3)` from inside its task, which escapes as a traceback after the rest of
@@ -22,8 +23,8 @@ import socket
 from collections.abc import AsyncIterator, Iterator
 
 import uvicorn
-from starlette.types import ASGIApp
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from starlette.types import ASGIApp, Receive
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
 from bridge.config import HttpSettings
 from bridge.errors import ConfigError, StartupError
@@ -57,18 +58,55 @@ class _Protocol(HttpToolsProtocol):
     _reading_head = False
     # Bytes received while a head was awaited or read, until it is complete.
     _head_bytes = 0
+    # Since when (loop time) the connection has been idle: nothing received since it was
+    # made or its last answer went out. None while it is not.
+    _idle_since: float | None = None
+    # The connection's one idle timer. uvicorn arms and cancels one for every answer
+    # (3% of a callback's CPU); this one, when due, looks at `_idle_since` and
+    # closes the connection or comes back when it could next be due.
+    _idle_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         no_delay(transport)
-        # uvicorn arms the idle timer only after a response: arm it for the first request.
-        self.timeout_keep_alive_task = self.loop.call_later(
-            self.timeout_keep_alive, self.timeout_keep_alive_handler
-        )
+        # Idle from the start: a connection that never sends a byte is closed too.
+        self._idle_since = self.loop.time()
+        self._idle_timer = self.loop.call_later(self.timeout_keep_alive, self._idle_check)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._stop_header_deadline()
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
         super().connection_lost(exc)
+
+    def _unset_keepalive_if_required(self) -> None:
+        # uvicorn calls this when bytes come and when an answer is complete.
+        self._idle_since = None
+        super()._unset_keepalive_if_required()
+
+    def on_response_complete(self) -> None:
+        # uvicorn's (0.55), with the connection marked idle instead of a timer armed.
+        self.server_state.total_requests += 1
+        if self.transport.is_closing():
+            return
+        self._unset_keepalive_if_required()
+        self.flow.resume_reading()
+        if self.pipeline:
+            cycle, app = self.pipeline.pop()
+            self._start_asgi_task(cycle, app)
+        else:
+            self._idle_since = self.loop.time()
+
+    def _idle_check(self) -> None:
+        now = self.loop.time()
+        since = self._idle_since
+        if since is not None and now - since >= self.timeout_keep_alive:
+            self._idle_timer = None
+            self.timeout_keep_alive_handler()
+            return
+        wait = self.timeout_keep_alive if since is None else since + self.timeout_keep_alive - now
+        self._idle_timer = self.loop.call_later(wait, self._idle_check)
 
     def data_received(self, data: bytes) -> None:
         # Bytes that come while no request is in progress start the next head (or are
@@ -91,7 +129,10 @@ class _Protocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self._reading_head = False
+        before = self.cycle
         super().on_headers_complete()
+        if self.cycle is not before:
+            _HeadHeld(self.transport, self.cycle)
 
     def _awaiting_head(self) -> bool:
         """Whether the connection waits for a request head: one is being read, or no
@@ -116,12 +157,72 @@ class _Protocol(HttpToolsProtocol):
             self._header_deadline = None
 
 
+class _HeadHeld:
+    """What a response cycle writes to: its answer's head is held until the body's first
+    part, and both go out in one write.
+
+    uvicorn writes a head and then its body: two send calls, two segments, two wake-ups
+    of the client. At the receiver's rates the second call was a tenth of its CPU. The
+    head is the first write once the response has started (an interim `100 Continue`
+    comes before it, and goes out at once). It is held no longer than the response:
+    a body-less one (HEAD) sends it when complete, a failing app when it closes.
+    """
+
+    __slots__ = ("_cycle", "_head_seen", "_held", "_on_response", "_transport")
+
+    def __init__(self, transport: asyncio.Transport, cycle: RequestResponseCycle) -> None:
+        self._transport = transport
+        self._cycle = cycle
+        self._on_response = cycle.on_response
+        self._held: bytes | None = None
+        self._head_seen = False
+        cycle.transport = self  # type: ignore[assignment]
+        cycle.on_response = self._response_complete
+
+    def write(self, data: bytes) -> None:
+        if self._held is not None:
+            data = self._held + data
+            self._held = None
+        elif not self._head_seen and self._cycle.response_started:
+            self._head_seen = True
+            self._held = data
+            return
+        self._transport.write(data)
+
+    def close(self) -> None:
+        self._flush()
+        self._transport.close()
+
+    def is_closing(self) -> bool:
+        return self._transport.is_closing()
+
+    def _response_complete(self) -> None:
+        self._flush()
+        self._on_response()
+
+    def _flush(self) -> None:
+        if self._held is not None:
+            self._transport.write(self._held)
+            self._held = None
+
+
+def body_arrived(receive: Receive) -> bool:
+    """Whether all of a request's body is in, so that reading it waits for nothing.
+
+    Known for requests served by `serve` (`receive` is uvicorn's cycle's); for others,
+    False.
+    """
+    cycle = getattr(receive, "__self__", None)
+    return isinstance(cycle, RequestResponseCycle) and not cycle.more_body
+
+
 def no_delay(transport: asyncio.BaseTransport) -> None:
     """Sets TCP_NODELAY on `transport`'s socket, when it is a TCP one.
 
-    An answer goes out in two writes, its head and then its body. With Nagle's algorithm
-    on, the body waits for the client to ack the head, and clients delay that ack by
-    40 ms: every callback answered 48 ms late, at 5% of a core. asyncio sets the option
+    An answer can go out in more than one write (an interim `100 Continue`, a body in
+    parts; before `_HeadHeld`, every head and body). With Nagle's algorithm on, a write
+    waits for the client to ack the one before, and clients delay that ack by 40 ms:
+    every callback was answered 48 ms late, at 5% of a core. asyncio sets the option
     only on sockets made with `proto=IPPROTO_TCP`, which `listen()`'s are not (nor those
     a supervisor hands over), so it is set here, on every connection.
     """

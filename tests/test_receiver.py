@@ -20,17 +20,28 @@ import httpx
 import orjson
 import pytest
 from starlette.requests import Request
+from starlette.responses import PlainTextResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from bridge import receiver as receiver_module
+from bridge.broker import EmbeddedBroker
 from bridge.config import Config, HttpSettings, KafkaSettings
 from bridge.inbox import InboxRecord
 from bridge.kafka import Producer, ensure_topics
 from bridge.metrics import Metrics
-from bridge.receiver import Readiness, _headers, _kept_headers, create_app
+from bridge.receiver import (
+    BODY_LATE,
+    UNAVAILABLE,
+    Readiness,
+    _headers,
+    _kept_headers,
+    create_app,
+)
 from bridge.sandbox import SandboxOrder
 from bridge.sandbox.base import Encoding
 from bridge.servers import serve
 from tests.bridge_fixtures import RunningBridge
-from tests.conftest import CutOffBroker, RunningSandbox
+from tests.conftest import CutOffBroker, RunningSandbox, kafka_settings_for
 from tests.kafka import Record, read_topic
 
 LIMIT = 16 * 1024
@@ -82,11 +93,26 @@ class RunningReceiver:
         return await self.http.post(path, content=body, headers={"content-type": content_type})
 
 
+class PassThrough:
+    """A middleware that changes nothing: with it, callbacks go through Starlette."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.app(scope, receive, send)
+
+
 @contextlib.asynccontextmanager
 async def running_receiver(
-    sandbox: RunningSandbox, settings: KafkaSettings, inbox_timeout: float = 5.0, **http: Any
+    sandbox: RunningSandbox,
+    settings: KafkaSettings,
+    inbox_timeout: float = 5.0,
+    through_starlette: bool = False,
+    **http: Any,
 ) -> AsyncIterator[RunningReceiver]:
-    """A receiver on the sandbox's accounts; `http` changes its HttpSettings."""
+    """A receiver on the sandbox's accounts; `http` changes its HttpSettings. Callbacks
+    take the receiver's direct path unless `through_starlette`."""
     custom = dataclasses.replace(
         sandbox.accounts["lunpay"], name=LUN_CUSTOM, callback_ack="SUCCESS-CUSTOM"
     )
@@ -106,6 +132,8 @@ async def running_receiver(
         return Readiness(list(problems), [])
 
     app = create_app(config, producer, Metrics(), ready)
+    if through_starlette:
+        app.add_middleware(PassThrough)
     try:
         limits = config.http
         async with (
@@ -351,6 +379,142 @@ async def post_endless_body(url: str, path: str) -> tuple[bytes, int]:
     return bytes(client.answer), sent
 
 
+# -- the direct path --------------------------------------------------------------------
+
+
+async def test_callbacks_take_the_direct_path_as_they_would_starlettes_route(
+    sandbox: RunningSandbox, broker: EmbeddedBroker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The direct path for callbacks against Starlette's router, which takes them to the
+    callback route: the requests it takes are those the route would, and they get the
+    same bytes back and leave the same records and metrics."""
+    routed: list[str] = []
+    route_call = receiver_module._CallbackRoute.__call__
+
+    async def counted(route: Any, scope: Scope, receive: Receive, send: Send) -> None:
+        routed.append(scope["path"])
+        await route_call(route, scope, receive, send)
+
+    monkeypatch.setattr(receiver_module._CallbackRoute, "__call__", counted)
+    box = sandbox.sandbox
+    card: dict[str, Any] = dict(LEMFT_CARD)
+    orders = [box.create_order(LUN), box.create_order(KSU), box.create_order(LEM, **card)]
+    encodings: tuple[Encoding, ...] = ("json", "form", "json")
+    requests: list[tuple[str, str, bytes, dict[str, str]]] = []
+    for order, encoding in zip(orders, encodings, strict=True):
+        body, content_type = box.callback(order.account, order.order_id, encoding=encoding)
+        path = f"/callbacks/{order.provider}/{order.account}"
+        requests.append(("POST", path, body, {"content-type": content_type, "x-request-id": "r"}))
+    lunpay_body, _ = box.callback(LUN, orders[0].order_id)
+    bad_sign, form = box.callback(KSU, orders[1].order_id, encoding="form", bad_sign=True)
+    json_type = {"content-type": "application/json"}
+    requests += [
+        ("POST", f"/callbacks/lunpay/{LUN_CUSTOM}", lunpay_body, json_type),
+        ("POST", "/callbacks/lunpay/lunpay%2Dtest", lunpay_body, json_type),  # percent-encoded
+        ("POST", "/callbacks/paypal/x", lunpay_body, json_type),
+        ("POST", "/callbacks/lunpay/nope", lunpay_body, json_type),
+        ("POST", f"/callbacks/kasushou/{KSU}", bad_sign, {"content-type": form}),
+        ("POST", f"/callbacks/lemft/{LEM}", b'{"order_id": "L1", "cvv": "12', json_type),
+        ("POST", f"/callbacks/lunpay/{LUN}", b'{"order_no": "a,b"}', json_type),
+        ("POST", f"/callbacks/lemft/{LEM}", b"order_id=L2&cvv=123", {"content-type": "text/xml"}),
+        ("POST", f"/callbacks/lemft/{LEM}", b"x" * (LIMIT + 1), json_type),  # closes
+        ("GET", f"/callbacks/lunpay/{LUN}", b"", {}),
+        ("POST", f"/callbacks/lunpay/{LUN}/", lunpay_body, json_type),
+    ]
+
+    seen: list[dict[str, list[Any]]] = []
+    for through_starlette in (False, True):
+        settings = kafka_settings_for(broker.bootstrap_servers)
+        async with running_receiver(sandbox, settings, through_starlette=through_starlette) as rcv:
+            answers = [await raw_exchange(rcv.url, *request) for request in requests]
+            metrics = (await rcv.http.get("/metrics")).text
+        assert len(routed) == (12 if through_starlette else 0)
+        routed.clear()
+        async with read_topic(settings, settings.inbox_topic) as inbox:
+            stored = await inbox.wait_for_count(5)
+        async with read_topic(settings, settings.deadletter_topic) as deadletters:
+            refused = await deadletters.wait_for_count(5)
+        seen.append(
+            {
+                "answers": answers,
+                "inbox": sorted(without(r.value, "received_at") for r in stored),
+                "deadletters": sorted(without(r.value, "at") for r in refused),
+                "metrics": [
+                    line
+                    for line in metrics.splitlines()
+                    if line.startswith(("order_bridge_callbacks_total", "order_bridge_deadlet"))
+                ],
+            }
+        )
+    direct, starlette = seen
+    assert [a.split(b" ", 2)[1] for a in direct["answers"]] == [
+        *[b"200"] * 5,
+        b"404",
+        b"404",
+        b"401",
+        b"400",
+        b"400",
+        b"415",
+        b"413",
+        b"405",
+        b"307",
+    ]
+    assert direct == starlette
+
+
+@pytest.mark.parametrize(
+    ("status", "text", "headers"),
+    [
+        (200, "success", None),
+        (200, "SUCCESS-CUSTOM", None),
+        (404, "unknown provider\n", None),
+        (503, f"{UNAVAILABLE}\n", {"retry-after": "5"}),
+        (413, "too_large: body of 65537 bytes is over the limit\n", {"connection": "close"}),
+        (408, BODY_LATE, {"connection": "close"}),
+        (400, "", None),
+        (200, "ackn\u00f6wledged \u2713", None),
+    ],
+)
+async def test_answers_are_written_as_starlettes_plain_text_response_writes_them(
+    status: int, text: str, headers: dict[str, str] | None
+) -> None:
+    def collect(into: list[Message]) -> Send:
+        async def send(message: Message) -> None:
+            into.append(message)
+
+        return send
+
+    async def nothing() -> Message:
+        raise AssertionError("an answer reads nothing")
+
+    ours: list[Message] = []
+    starlettes: list[Message] = []
+    await receiver_module._send_text(collect(ours), status, text, headers)
+    response = PlainTextResponse(text, status, headers)
+    await response({"type": "http", "method": "POST"}, nothing, collect(starlettes))
+    assert ours == starlettes
+
+
+def without(value: dict[str, Any], name: str) -> str:
+    return orjson.dumps({k: v for k, v in value.items() if k != name}).decode()
+
+
+async def raw_exchange(
+    url: str, method: str, path: str, body: bytes, headers: dict[str, str]
+) -> bytes:
+    """The answer to one request on a connection of its own, as bytes, its date left out."""
+    host, port = url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    head = f"{method} {path} HTTP/1.1\r\nhost: test\r\ncontent-length: {len(body)}\r\n"
+    head += "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+    writer.write(head.encode() + b"\r\n" + body)
+    answer = await reader.readuntil(b"\r\n\r\n")
+    length = re.search(rb"\r\ncontent-length: (\d+)\r\n", answer)
+    answer += await reader.readexactly(int(length[1]) if length else 0)
+    writer.close()
+    return re.sub(rb"\r\ndate: [^\r]*", b"", answer)
+
+
 # -- Kafka unreachable -------------------------------------------------------------------
 
 
@@ -521,11 +685,12 @@ async def test_a_newer_receivers_hint_is_confirmed_by_this_worker(bridge: Runnin
 def test_headers_are_read_as_starlette_reads_them() -> None:
     raw = [(b"content-type", b"application/json"), (b"x-request-id", b"r1")]
     raw += [(b"x-request-id", b"r2"), (b"user-agent", b"caf\xe9")]
-    request = Request({"type": "http", "headers": raw, "client": ("10.0.0.9", 5)})
-    headers = _headers(request)
+    scope = {"type": "http", "headers": raw, "client": ("10.0.0.9", 5)}
+    request = Request(scope)
+    headers = _headers(raw)
     assert headers == {name: request.headers[name] for name in request.headers}
     assert headers["x-request-id"] == "r1"
-    assert _kept_headers(request, headers) == {
+    assert _kept_headers(scope, headers) == {
         "content-type": "application/json",
         "user-agent": "café",
         "x-request-id": "r1",

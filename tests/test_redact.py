@@ -172,3 +172,27 @@ def test_shown_cuts_long_text() -> None:
     assert shown("x" * 128) == "x" * 128
     assert shown("x" * 129) == "x" * 128 + "..."
     assert shown("\n" * 10_000, limit=4) == "\\n" * 4 + "..."
+
+
+def test_mask_secrets_copies_only_what_it_masks() -> None:
+    plain = {"order_no": "1", "status": 4, "items": [{"sku": "a"}], "note": '{"x": 1}'}
+    assert mask_secrets(plain) is plain  # nothing to mask: no copy
+
+    payload = {"order_no": "1", "cards": [{"sku": "a"}, {"card_no": "6212345678901234"}]}
+    original = json.loads(json.dumps(payload))
+    masked = mask_secrets(payload)
+    assert masked == {
+        "order_no": "1",
+        "cards": [{"sku": "a"}, {"card_no": "************1234"}],
+    }
+    assert payload == original  # the payload itself is left as it was
+    assert list(masked) == list(payload)  # members in their order
+
+
+def test_field_names_are_told_apart_however_many_come() -> None:
+    names = [f"field_{n}" for n in range(5000)]
+    payload = {name: "x" for name in names} | {"CVV ": "123", "pin": "1"}
+    masked = mask_secrets(payload)
+    assert masked["CVV "] == masked["pin"] == "******"
+    assert all(masked[name] == "x" for name in names)
+    assert mask_secrets({"card_password": "p"}) == {"card_password": "******"}

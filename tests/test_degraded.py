@@ -85,9 +85,11 @@ async def test_not_found_for_a_confirmed_order_is_a_glitch_and_polling_goes_on(
         # Three "not found" answers in a row: more than not_found_retries allows for an
         # order never confirmed, and still asked again, less and less often.
         missing = await answered(sandbox, account, order_id, "missing", 3)
+        # Not asked again at once: it backs off, 0.2 s then 0.4 s. Lower bounds only, less
+        # the query's own time: a busy machine makes gaps longer, never shorter.
         first, second = gaps(missing)
-        assert first >= 0.15, gaps(missing)  # not asked again at once: it backs off
-        assert second >= first - 0.1, gaps(missing)
+        assert first >= 0.15, gaps(missing)
+        assert second >= 0.3, gaps(missing)
 
         # The provider finds it again, and it has moved on meanwhile.
         bridge.move(provider, order_id, "succeeded")

@@ -130,7 +130,6 @@ async def test_a_member_that_lost_its_session_writes_nothing_more(
     config_file = tmp_path / "bridge.toml"
     config_file.write_text(text)
     account = sandbox.accounts["lunpay"].name
-    sandbox.sandbox.set_faults(account, Faults(latency=1.0))
     workers: list[asyncio.subprocess.Process] = []
     async with (
         running_bridge(sandbox, kafka_settings, with_worker=False) as client,
@@ -143,11 +142,15 @@ async def test_a_member_that_lost_its_session_writes_nothing_more(
             await client.post_callback("lunpay", warm_id)
             await status.wait_for(lambda rs: any(r.key == warm_key for r in rs), 30)
 
+            # The provider holds A's query (logged on arrival) until A is frozen: a query
+            # logged at answer time would race the freeze with A's event.
+            sandbox.sandbox.set_faults(account, Faults(hang=True))
             order_id, key = client.create("lunpay", "processing")
             await client.post_callback("lunpay", order_id)
             async with asyncio.timeout(20):
                 await sandbox.sandbox.wait_for_queries(account, order_id)
-            first.send_signal(signal.SIGSTOP)  # before the provider's answer arrives
+            first.send_signal(signal.SIGSTOP)
+            sandbox.sandbox.set_faults(account, Faults())  # answers A's query: processing
 
             second = await start_worker(config_file, env, tmp_path / "b.log")
             workers.append(second)

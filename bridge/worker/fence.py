@@ -6,6 +6,15 @@ begins, and only while the member's group session is alive. The session is taken
 alive for `session_timeout` after the last heartbeat the coordinator answered; past
 that, the group may already have handed the partition to another member, so writes
 wait for the next good heartbeat, or for the revoke that follows a lost session.
+
+What no fence kept by the writer can stop: a write checked while the lease held that
+reaches Kafka only after it ended. The process may be frozen between the check and
+the producer's request (a window of the producer's linger and a turn of the event
+loop), or its request retried after a network fault: with idempotence on, aiokafka
+retries a batch until Kafka takes it. Such a write lands after the next owner's, as
+a duplicate or stale event. Closing that takes a fence kept by the broker, Kafka's
+transactional producer (an epoch per transactional id), which the embedded broker
+lacks; the operations guide says so.
 """
 
 from __future__ import annotations
@@ -38,14 +47,18 @@ class Fence:
         self._changed = asyncio.Event()
 
     def watch(self, coordinator: Any) -> None:
-        """Renews the lease on every heartbeat aiokafka's group coordinator gets answered,
-        and ends it when the coordinator forgets this member."""
+        """Renews the lease on every heartbeat aiokafka's group coordinator gets answered
+        plainly, and ends it when the coordinator forgets this member."""
         heartbeat = coordinator._do_heartbeat
 
         async def watched() -> bool:
             sent = time.monotonic()
             answered: bool = await heartbeat()
-            if answered:
+            # aiokafka counts "rebalance in progress" as answered, and asks to rejoin.
+            # Apache Kafka says it only to a member of the current generation, but the
+            # embedded broker says it to one of an older generation too, whose partitions
+            # may be another's by now: so it renews nothing.
+            if answered and not coordinator._rejoin_needed_fut.done():
                 self.renew(sent)
             elif coordinator.member_id == JoinGroupRequest.UNKNOWN_MEMBER_ID:
                 self.lost()

@@ -14,7 +14,7 @@ from bridge.orders import OrderSnapshot
 from bridge.providers.base import ProviderResponse
 from bridge.providers.client import AnswerTooLarge, ProviderClient
 
-# The worker's own client, or httpx's (the CLI's, and the worker's when traced).
+# The worker's own client, or httpx's (the CLI's, which traces nothing).
 Http = httpx.AsyncClient | ProviderClient
 
 # An order-detail answer larger than this is refused: 20 orders with their cards fit
@@ -62,20 +62,18 @@ async def _query_orders(
     def unavailable(problem: str) -> ProviderUnavailable:
         return ProviderUnavailable(account.provider, account.name, list(order_ids), problem)
 
-    headers = request.headers
-    if trace := tracing.http_headers():
-        headers = {**headers, **trace}
     try:
         if isinstance(http, ProviderClient):
-            answer = await http.post(
+            answer = await tracing.post(
+                http,
                 request.url,
-                headers,
+                request.headers,
                 request.content,
                 timeout=account.query_timeout,
                 max_bytes=MAX_ANSWER_BYTES,
             )
         else:
-            answer = await _post(http, request.url, headers, request.content, account)
+            answer = await _post(http, request.url, request.headers, request.content, account)
     except AnswerTooLarge:
         raise InvalidAnswer(
             account.provider, account.name, list(order_ids), f"answer over {MAX_ANSWER_BYTES} bytes"

@@ -12,7 +12,6 @@ import uuid
 from collections.abc import Awaitable, Sequence
 from types import TracebackType
 
-import httpx
 from starlette.applications import Starlette
 
 from bridge import __version__, processes, tracing
@@ -24,7 +23,6 @@ from bridge.probes import create_probe_app
 from bridge.receiver import Readiness, create_app
 from bridge.servers import serve
 from bridge.worker import Worker
-from bridge.worker.transport import ProviderTransport
 
 log = logging.getLogger(__name__)
 
@@ -65,16 +63,8 @@ class Bridge:
             app = create_probe_app(self.metrics, self.readiness)
             self.probe_url = await self._serve(app, self.config.worker.http_port)
         if self._with_worker:
-            # Gateways bound each account's queries in flight; the transport keeps a
-            # connection per query in flight, at O(1) a request (see its docstring).
-            http = await self._stack.enter_async_context(
-                httpx.AsyncClient(
-                    headers={"user-agent": f"order-bridge/{__version__} ({self.instance})"},
-                    transport=ProviderTransport(),
-                )
-            )
-            tracing.instrument_client(http)
-            self.worker = Worker(self.config, self.producer, http, self.metrics)
+            user_agent = f"order-bridge/{__version__} ({self.instance})"
+            self.worker = Worker(self.config, self.producer, self.metrics, user_agent=user_agent)
             await self.worker.start()
             self._stack.push_async_callback(self.worker.stop)
         if self._with_receiver:

@@ -6,9 +6,10 @@ the order-detail query (an HTTP header) and to the status event (a Kafka header)
 Without tracing (the default) the bridge passes the header on unchanged, as W3C Trace
 Context asks of a system that does not trace itself. With the `otel` extra and
 `[tracing] exporter` set, OpenTelemetry traces the receiver (Starlette), each
-confirmation (a span of the bridge's own), its queries (httpx) and the Kafka writes
-(aiokafka); each header sent then names the span that sent it. Nothing of
-OpenTelemetry is imported unless tracing is turned on (`bridge.otel` does that).
+confirmation (a span of the bridge's own), its queries (a client span each, the
+bridge's own too) and the Kafka writes (aiokafka); each header sent then names the
+span that sent it. Nothing of OpenTelemetry is imported unless tracing is turned on
+(`bridge.otel` does that).
 """
 
 from __future__ import annotations
@@ -23,10 +24,11 @@ from bridge.config import TracingSettings
 from bridge.errors import ConfigError
 
 if TYPE_CHECKING:
-    import httpx
     from starlette.applications import Starlette
 
     from bridge.otel import OpenTelemetry
+    from bridge.providers.base import ProviderResponse
+    from bridge.providers.client import ProviderClient
 
 HEADER = "traceparent"
 
@@ -83,11 +85,6 @@ def instrument_app(app: Starlette) -> None:
         _otel.instrument_app(app)
 
 
-def instrument_client(client: httpx.AsyncClient) -> None:
-    if _otel is not None:
-        _otel.instrument_client(client)
-
-
 def current() -> str | None:
     """The traceparent of the work running now: its span's, or the one carried."""
     return _otel.current() if _otel is not None else _carried.get()
@@ -126,10 +123,22 @@ class _Carried:
         _carried.reset(self._token)
 
 
-def http_headers() -> dict[str, str]:
-    """Headers for an outgoing query. When traced, httpx's instrumentation adds its own."""
-    carried = _carried.get() if _otel is None else None
-    return {HEADER: carried} if carried else {}
+async def post(
+    client: ProviderClient,
+    url: str,
+    headers: Mapping[str, str],
+    content: bytes,
+    *,
+    timeout: float,
+    max_bytes: int,
+) -> ProviderResponse:
+    """`client.post()` for a query: when traced, in a client span its header names; else
+    with the traceparent carried."""
+    if _otel is not None:
+        return await _otel.post(client, url, headers, content, timeout=timeout, max_bytes=max_bytes)
+    if carried := _carried.get():
+        headers = {**headers, HEADER: carried}
+    return await client.post(url, headers, content, timeout=timeout, max_bytes=max_bytes)
 
 
 def kafka_headers() -> list[tuple[str, bytes]]:

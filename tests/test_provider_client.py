@@ -169,6 +169,21 @@ async def test_an_expired_connection_is_not_reused() -> None:
     assert server.opened == 2
 
 
+async def test_an_idle_connection_left_under_a_busy_one_is_closed_once_expired() -> None:
+    async with (
+        http_server(delay=0.05) as server,
+        ProviderClient("t", keepalive_expiry=0.5) as client,
+    ):
+        await asyncio.gather(post(client, server.url), post(client, server.url))
+        server.delay = 0
+        # One query at a time: each takes the connection used last, so the other one
+        # stays idle under it, and is closed once past its keep-alive.
+        for _ in range(16):
+            assert await post(client, server.url) == b"ok"
+            await asyncio.sleep(0.05)
+        assert (server.opened, server.closed) == (2, 1)
+
+
 async def test_a_request_given_up_drops_its_connection() -> None:
     async with http_server(delay=0.5) as server, ProviderClient("t") as client:
         # Its own timeout, then a cancellation from outside.

@@ -25,7 +25,6 @@ from bridge.orders import Status
 from bridge.providers.client import ProviderClient
 from bridge.query import MAX_ANSWER_BYTES, Http, query_order, query_orders
 from bridge.sandbox import Faults
-from bridge.worker.transport import ProviderTransport
 from tests.conftest import RunningSandbox
 from tests.helpers import SECRETS, make_accounts
 
@@ -37,9 +36,9 @@ Client = Callable[[], Http]
 
 @pytest.fixture(params=["provider-client", "httpx"])
 def provider_client(request: pytest.FixtureRequest) -> Client:
-    """The worker's clients: its own (untraced), or httpx on its transport (traced)."""
+    """The worker's client, or httpx's (the CLI's)."""
     if request.param == "httpx":
-        return lambda: httpx.AsyncClient(transport=ProviderTransport())
+        return httpx.AsyncClient
     return lambda: ProviderClient("order-bridge/test")
 
 

@@ -4,6 +4,8 @@ the inbox record, the order-detail query and the event, with OpenTelemetry or wi
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import subprocess
 import sys
 import time
@@ -14,12 +16,15 @@ import pytest
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from opentelemetry.trace import SpanKind
+from opentelemetry.trace import SpanKind, StatusCode
 
 from bridge import tracing
 from bridge.config import KafkaSettings, TracingSettings
-from bridge.errors import ConfigError
+from bridge.errors import ConfigError, ProviderUnavailable
 from bridge.otel import OpenTelemetry
+from bridge.providers.client import ProviderClient
+from bridge.query import query_order
+from bridge.sandbox import Faults
 from tests.bridge_fixtures import RunningBridge, running_bridge
 from tests.conftest import RunningSandbox
 from tests.kafka import read_topic
@@ -90,9 +95,9 @@ async def test_an_event_a_poll_found_has_no_traceparent(bridge: RunningBridge) -
     assert "traceparent" not in event.headers
 
 
-@pytest.fixture
-def spans() -> Iterator[InMemorySpanExporter]:
-    """Tracing on, with the SDK's in-memory exporter, for this test only."""
+@contextlib.contextmanager
+def traced() -> Iterator[InMemorySpanExporter]:
+    """Tracing on, with the SDK's in-memory exporter, for the block only."""
     exporter = InMemorySpanExporter()
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
@@ -102,6 +107,13 @@ def spans() -> Iterator[InMemorySpanExporter]:
     finally:
         tracing.disable()
         provider.shutdown()
+
+
+@pytest.fixture
+def spans() -> Iterator[InMemorySpanExporter]:
+    """Tracing on for this test only."""
+    with traced() as exporter:
+        yield exporter
 
 
 @pytest.fixture
@@ -166,6 +178,87 @@ async def test_with_opentelemetry_one_trace_runs_from_the_callback_to_the_event(
         text = orjson.dumps(dict(span.attributes or {})).decode()
         account = bridge.sandbox.accounts["lunpay"]
         assert all(secret not in text for secret in account.secrets())
+
+
+def client_spans(spans: InMemorySpanExporter) -> list[ReadableSpan]:
+    return [s for s in spans.get_finished_spans() if s.kind is SpanKind.CLIENT]
+
+
+async def test_a_traced_query_is_a_client_span_and_the_provider_sees_it_as_parent(
+    spans: InMemorySpanExporter, sandbox: RunningSandbox
+) -> None:
+    account = sandbox.accounts["lunpay"]
+    order = sandbox.sandbox.create_order(account.name)
+    async with ProviderClient("order-bridge/test") as client:
+        with tracing.resumed(TRACEPARENT, "confirm callback"):
+            await query_order(client, account, order.order_id)
+
+    (query,) = client_spans(spans)
+    (confirm,) = [s for s in spans.get_finished_spans() if s.name == "confirm callback"]
+    assert query.name == "POST"
+    assert hex_ids(query)[::2] == (TRACE_ID, hex_ids(confirm)[1])
+    # OpenTelemetry's HTTP conventions, the ones its instrumentations use by default.
+    assert dict(query.attributes or {}) == {
+        "http.method": "POST",
+        "http.url": f"{account.base_url}/api/order/query",
+        "http.status_code": 200,
+    }
+    assert query.status.status_code is StatusCode.UNSET
+    (queried,) = sandbox.sandbox.queries
+    assert queried.traceparent == f"00-{TRACE_ID}-{hex_ids(query)[1]}-01"
+
+
+async def test_a_query_answered_5xx_or_failing_has_an_error_span(
+    spans: InMemorySpanExporter, sandbox: RunningSandbox
+) -> None:
+    down = sandbox.accounts["lunpay"]
+    sandbox.sandbox.set_faults(down.name, Faults(down=True))
+    gone = dataclasses.replace(down, base_url="http://127.0.0.1:9")
+    async with ProviderClient("t") as client:
+        for account in (down, gone):
+            # The span changes nothing of how a failure is told.
+            with pytest.raises(ProviderUnavailable):
+                await query_order(client, account, "LP-1")
+
+    answered, refused = client_spans(spans)
+    assert answered.status.status_code is StatusCode.ERROR
+    assert answered.attributes is not None
+    assert answered.attributes["http.status_code"] == 503
+    assert refused.status.status_code is StatusCode.ERROR
+    assert refused.attributes is not None
+    assert "http.status_code" not in refused.attributes
+    (event,) = refused.events
+    assert event.name == "exception"
+    assert event.attributes is not None
+    assert event.attributes["exception.type"] == "httpx.ConnectError"
+
+
+async def test_the_stable_http_conventions_when_opted_in_and_no_url_secret(
+    monkeypatch: pytest.MonkeyPatch, sandbox: RunningSandbox
+) -> None:
+    monkeypatch.setenv("OTEL_SEMCONV_STABILITY_OPT_IN", "http/dup")
+    url = f"{sandbox.url}/lunpay/api/order/query"
+    port = int(sandbox.url.rsplit(":", 1)[1])
+    with_secrets = url.replace("http://", "http://user:s3cret@") + "?key=s3cret"
+    with traced() as spans:
+        async with ProviderClient("t") as client:
+            answer = await tracing.post(
+                client, with_secrets, {}, b"{}", timeout=5, max_bytes=10_000
+            )
+
+    assert answer.status_code == 200  # the provider's own error, in the body
+    (query,) = client_spans(spans)
+    assert dict(query.attributes or {}) == {
+        "http.method": "POST",
+        "http.url": url,
+        "http.status_code": 200,
+        "http.request.method": "POST",
+        "url.full": url,
+        "server.address": "127.0.0.1",
+        "server.port": port,
+        "http.response.status_code": 200,
+        "network.protocol.version": "1.1",
+    }
 
 
 def test_nothing_of_opentelemetry_is_imported_unless_tracing_is_on() -> None:

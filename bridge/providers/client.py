@@ -1,11 +1,12 @@
 """The worker's queries to the providers: HTTP/1.1 POSTs on asyncio and httptools.
 
-Why not httpx here: with its pool's cost gone (`bridge.worker.transport`), httpx and
-httpcore were still 43% of a worker's CPU draining a backlog (benchmarks/README.md),
-more than the bridge's own work on an order. A query went through httpx's request
-and response models, header normalisation, cookies, auth and redirect flows, the
-transport's conversion to httpcore's models, httpcore's connection and h11's pure
-Python parser, each with its async context managers. A query needs none of that:
+Why not httpx here: even on a pool of O(1) a request (httpcore's own walks every
+connection on each one), httpx and httpcore were still 43% of a worker's CPU draining
+a backlog (benchmarks/README.md), more than the bridge's own work on an order. A
+query went through httpx's request and response models, header normalisation,
+cookies, auth and redirect flows, the transport's conversion to httpcore's models,
+httpcore's connection and h11's pure Python parser, each with its async context
+managers. A query needs none of that:
 one POST of a body a few hundred bytes long to a URL fixed per account, and one
 answer read whole. So `ProviderClient` writes the request itself and parses the
 answer with httptools (llhttp, in C; the receiver's parser too).
@@ -20,8 +21,8 @@ so `bridge.query` maps both the same way. What it leaves out, as the providers'
 APIs need none of it: redirects (httpx does not follow them by default either),
 cookies, proxies, compression (it asks for none: `accept-encoding: identity`).
 
-With tracing on, queries go through the instrumented httpx client instead, so
-that each gets its client span (`bridge.worker.consumer`).
+Traced or not, the worker's queries all go through it: with tracing on, each gets
+its OpenTelemetry client span around `post()` (`bridge.tracing.post`).
 """
 
 from __future__ import annotations

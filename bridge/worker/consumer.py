@@ -16,13 +16,11 @@ import logging
 import time
 from functools import partial
 
-import httpx
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import IllegalStateError, KafkaError
 from aiokafka.protocol.group import LeaveGroupRequest
 from aiokafka.structs import ConsumerRecord
 
-from bridge import tracing
 from bridge.config import Config
 from bridge.kafka import Producer, client_options, stop_consumer
 from bridge.metrics import Metrics
@@ -45,7 +43,7 @@ COMMIT_TIMEOUT = 10.0
 
 class Worker:
     def __init__(
-        self, config: Config, producer: Producer, http: httpx.AsyncClient, metrics: Metrics
+        self, config: Config, producer: Producer, metrics: Metrics, *, user_agent: str
     ) -> None:
         self._config = config
         self._metrics = metrics
@@ -64,12 +62,10 @@ class Worker:
         )
         self._state = StateStore(config.kafka)
         self._schedule = PollSchedule()
-        # Untraced, queries skip httpx (`bridge.providers.client` says why); traced, they
-        # go through the instrumented httpx client, so that each gets its client span.
-        self._client = None
-        if not tracing.enabled():
-            self._client = ProviderClient(http.headers.get("user-agent", "order-bridge"))
-        self._gateways = Gateways(self._client or http, metrics, settings)
+        # Its own client, not httpx (`bridge.providers.client` says why); traced, each
+        # query gets its client span all the same (`bridge.tracing.post`).
+        self._client = ProviderClient(user_agent)
+        self._gateways = Gateways(self._client, metrics, settings)
         self._writer = OrderWriter(
             producer, config.kafka, self._state, Fence(settings.session_timeout)
         )
@@ -149,8 +145,7 @@ class Worker:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self._release(list(self._lanes))
         await self._gateways.aclose()
-        if self._client is not None:
-            await self._client.aclose()
+        await self._client.aclose()
         await self._leave_group()
         await stop_consumer(self._consumer)
         self._tasks = []

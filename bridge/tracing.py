@@ -75,11 +75,6 @@ def disable() -> None:
         _otel = None
 
 
-def enabled() -> bool:
-    """Whether this process traces with OpenTelemetry."""
-    return _otel is not None
-
-
 def instrument_app(app: Starlette) -> None:
     if _otel is not None:
         _otel.instrument_app(app)

@@ -46,6 +46,10 @@ class KafkaSettings:
     # replication_factor >= 3, else 1. With acks=all, a write is acked by this many.
     min_insync_replicas: int | None = None
     enable_idempotence: bool = True
+    # Seconds the broker may hold a worker's inbox fetch that found nothing new. Apache
+    # Kafka answers as soon as a record comes; some brokers (Tansu, the embedded one)
+    # hold the fetch this long anyway, so each hint can wait this much more there.
+    fetch_max_wait: float = 0.02
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
     sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
     sasl_username: str | None = None

@@ -135,6 +135,12 @@ def test_defaults_with_only_an_account() -> None:
     assert config.kafka.partitions == 12
 
 
+def test_fetch_max_wait_in_seconds() -> None:
+    assert Config().kafka.fetch_max_wait == 0.02
+    config = parse_config({"kafka": {"fetch_max_wait": 0.005}, "accounts": [LEMFT]})
+    assert config.kafka.fetch_max_wait == 0.005
+
+
 def test_unknown_account_is_its_own_error() -> None:
     with pytest.raises(UnknownAccount, match="unknown account 'nope' for provider 'lemft'"):
         Config().account("lemft", "nope")
@@ -161,6 +167,7 @@ LEMFT = {
         ({"http": {"port": True}}, "http.port", "expected an integer"),
         ({"http": {"port": -1}}, "http.port", "greater than 0"),
         ({"worker": {"retry_budget": 0}}, "worker.retry_budget", "greater than 0"),
+        ({"kafka": {"fetch_max_wait": 0}}, "kafka.fetch_max_wait", "greater than 0"),
         ({"polling": {"intervals": [10, 0]}}, "polling.intervals[1]", "greater than 0"),
         ({"polling": {"intervals": []}}, "polling.intervals", "non-empty list"),
         ({"accounts": [{**LEMFT, "query_rate": 0}]}, "accounts[0].query_rate", "greater than 0"),

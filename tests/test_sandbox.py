@@ -26,7 +26,7 @@ from bridge import providers
 from bridge.accounts import Account
 from bridge.errors import OrderNotFound
 from bridge.query import query_order
-from bridge.sandbox import Faults, Sandbox
+from bridge.sandbox import Faults, Sandbox, wire
 from bridge.servers import serve
 from tests.conftest import RunningSandbox
 from tests.helpers import (
@@ -742,3 +742,17 @@ async def test_kasushou_adapter_accepts_sandbox_callbacks(
     body, content_type = sandbox.sandbox.callback(KSU, order.order_id, encoding=encoding)
     hint = providers.get("kasushou").parse_callback(account, body, {"content-type": content_type})
     assert (hint.order_id, hint.signature_rule) == (order.order_id, "callback")
+
+
+def test_wire_json_is_json_dumps_with_exact_decimals() -> None:
+    value = {
+        "s": 'a"b\\c\n\x01日本\u2028',
+        "n": [None, True, False, 0, -7, 2**70, 1.5, Decimal("0.40")],
+        1: {"nested": [], "empty": {}},
+    }
+    expected = json.dumps(
+        {**value, "n": [None, True, False, 0, -7, 2**70, 1.5, 0.4]},
+        ensure_ascii=False,
+        separators=(",", ":"),
+    )
+    assert wire.dumps(value).decode() == expected.replace("0.4]", "0.40]")

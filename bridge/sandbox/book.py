@@ -143,10 +143,20 @@ class OrderBook:
         since = datetime.now(UTC) - timedelta(days=days) if days > 0 else None
         found: dict[str, SandboxOrder] = {}
         for wanted in ids:
-            for order in self._orders.values():
-                key = order.external_order_id if by_external else order.order_id
-                if order.account != account or not key or key != wanted:
-                    continue
+            if not wanted:
+                continue
+            if by_external:
+                matches = [
+                    order
+                    for order in self._orders.values()
+                    if order.account == account and order.external_order_id == wanted
+                ]
+            else:
+                # Looked up, not searched: a scan of every order for each id asked was
+                # two thirds of the benchmarks' driver CPU (benchmarks/README.md).
+                order = self._orders.get((account, wanted))
+                matches = [order] if order is not None else []
+            for order in matches:
                 if since is None or order.created_at >= since:
                     found.setdefault(order.order_id, order)
         return list(found.values())

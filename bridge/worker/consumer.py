@@ -55,10 +55,9 @@ class Worker:
             auto_offset_reset="earliest",
             session_timeout_ms=int(settings.session_timeout * 1000),
             heartbeat_interval_ms=int(settings.heartbeat_interval * 1000),
-            # How long the broker may hold a fetch that found nothing new: every hint
-            # can wait that long before the worker sees it (with 100, 10 ms more at
-            # p50 on Tansu), and an idle worker sends a fetch this often.
-            fetch_max_wait_ms=20,
+            # Every hint can wait that long before the worker sees it on some brokers
+            # (config.py), and an idle worker sends a fetch this often.
+            fetch_max_wait_ms=max(1, round(config.kafka.fetch_max_wait * 1000)),
         )
         self._state = StateStore(config.kafka)
         self._schedule = PollSchedule()

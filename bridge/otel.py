@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from urllib.parse import urlsplit
 
 # Scrapes and probes are not worth a trace each. Read when the instrumentation is
@@ -27,7 +27,9 @@ from starlette.applications import Starlette
 
 from bridge import __version__, tracing
 from bridge.providers.base import ProviderResponse
-from bridge.providers.client import ProviderClient
+
+# A query's POST, given the headers to send.
+Send = Callable[[Mapping[str, str]], Awaitable[ProviderResponse]]
 
 
 class OpenTelemetry:
@@ -64,19 +66,10 @@ class OpenTelemetry:
     def instrument_app(self, app: Starlette) -> None:
         StarletteInstrumentor.instrument_app(app, tracer_provider=self._provider)
 
-    async def post(
-        self,
-        client: ProviderClient,
-        url: str,
-        headers: Mapping[str, str],
-        content: bytes,
-        *,
-        timeout: float,
-        max_bytes: int,
-    ) -> ProviderResponse:
-        """`client.post()` in a CLIENT span, named and described by OpenTelemetry's HTTP
-        semantic conventions as its httpx instrumentation has them; the traceparent sent
-        names that span. Neither the body nor the headers are recorded."""
+    async def post(self, url: str, headers: Mapping[str, str], send: Send) -> ProviderResponse:
+        """`send(headers)`, a POST to `url`, in a CLIENT span named and described by
+        OpenTelemetry's HTTP semantic conventions as its httpx instrumentation has them;
+        the traceparent sent names that span. Neither body nor headers are recorded."""
         old, new = self._old_semconv, self._new_semconv
         attributes = _request_attributes(url, old, new)
         with self._tracer.start_as_current_span(
@@ -85,7 +78,7 @@ class OpenTelemetry:
             sent = dict(headers)
             propagate.inject(sent)
             try:
-                answer = await client.post(url, sent, content, timeout=timeout, max_bytes=max_bytes)
+                answer = await send(sent)
             except Exception as exc:
                 # The span records it too (an event, and its status an error).
                 if new:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import re
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping
 from contextvars import ContextVar
 from typing import TYPE_CHECKING
 
@@ -129,11 +129,15 @@ async def post(
 ) -> ProviderResponse:
     """`client.post()` for a query: when traced, in a client span its header names; else
     with the traceparent carried."""
+
+    def send(headers: Mapping[str, str]) -> Awaitable[ProviderResponse]:
+        return client.post(url, headers, content, timeout=timeout, max_bytes=max_bytes)
+
     if _otel is not None:
-        return await _otel.post(client, url, headers, content, timeout=timeout, max_bytes=max_bytes)
+        return await _otel.post(url, headers, send)
     if carried := _carried.get():
         headers = {**headers, HEADER: carried}
-    return await client.post(url, headers, content, timeout=timeout, max_bytes=max_bytes)
+    return await send(headers)
 
 
 def kafka_headers() -> list[tuple[str, bytes]]:

@@ -127,6 +127,20 @@ async def test_every_way_an_answer_can_end_is_read(answer: bytes, content: bytes
     assert server.opened == (2 if answer == UNTIL_CLOSE else 1)
 
 
+def test_it_runs_on_uvloop_too() -> None:
+    """uvloop's transports are not asyncio.Transport subclasses (the `bench` extra)."""
+    uvloop = pytest.importorskip("uvloop")
+
+    async def exchange() -> None:
+        async with http_server(answer=CHUNKED) as server, ProviderClient("test") as client:
+            for _ in range(2):
+                assert await post(client, server.url) == b"abcdefg"
+        assert server.opened == 1
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(asyncio.wait_for(exchange(), 30))
+
+
 async def test_a_connection_is_reused_and_one_is_opened_per_request_in_flight() -> None:
     async with http_server(delay=0.05) as server:
         async with ProviderClient("test") as client:

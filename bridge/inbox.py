@@ -75,9 +75,8 @@ class InboxRecord:
             data = orjson.loads(value)
         except orjson.JSONDecodeError as exc:
             raise ValueError(f"not an inbox record: {exc}") from None
-        known = {f.name for f in fields(cls)}
         given = (
-            {k: v for k, v in data.items() if k in known and v is not None}
+            {k: v for k, v in data.items() if k in _FIELDS and v is not None}
             if isinstance(data, dict)
             else {}
         )
@@ -102,3 +101,4 @@ def _problem(given: dict[str, Any]) -> str | None:
 
 
 _REQUIRED = ("provider", "account", "order_id", "trigger", "received_at")
+_FIELDS = frozenset(f.name for f in fields(InboxRecord))

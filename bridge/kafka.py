@@ -17,6 +17,7 @@ from aiokafka.helpers import create_ssl_context
 from aiokafka.structs import ConsumerRecord, RecordMetadata
 
 from bridge.config import KafkaSettings
+from bridge.deadlines import Deadlines
 from bridge.errors import ConfigError, StartupError
 
 log = logging.getLogger(__name__)
@@ -305,60 +306,13 @@ def partition_for(key: bytes | None, partitions: Sequence[int], available: Seque
     return partitions[(murmur2(key) & 0x7FFFFFFF) % len(partitions)]
 
 
-class _Deadlines:
-    """Deadlines for many tasks at once, as `asyncio.timeout` keeps one: a task past
-    its deadline is cancelled, and `leave` tells its caller so.
-
-    `asyncio.timeout` schedules and cancels a timer each time: about 5% of the
-    receiver's CPU, one a send. Here the tasks whose deadlines fall in the same `GRAIN`
-    of time share one timer, so a deadline is kept up to `GRAIN` late, never early.
-    """
-
-    GRAIN = 0.01
-
-    def __init__(self) -> None:
-        self._slots: dict[int, set[asyncio.Task[Any]]] = {}
-        self._expired: dict[int, set[asyncio.Task[Any]]] = {}
-
-    def enter(self, task: asyncio.Task[Any], timeout: float) -> int:
-        """Starts `task`'s deadline, `timeout` seconds from now; its slot, for `leave`."""
-        loop = asyncio.get_running_loop()
-        slot = -int(-(loop.time() + timeout) // self.GRAIN)
-        tasks = self._slots.get(slot)
-        if tasks is None:
-            tasks = self._slots[slot] = set()
-            loop.call_at(slot * self.GRAIN, self._expire, slot)
-        tasks.add(task)
-        return slot
-
-    def leave(self, task: asyncio.Task[Any], slot: int) -> bool:
-        """Ends `task`'s deadline; whether it had passed (and cancelled the task)."""
-        tasks = self._slots.get(slot)
-        if tasks is not None:
-            tasks.discard(task)
-        expired = self._expired.get(slot)
-        if expired is None or task not in expired:
-            return False
-        expired.discard(task)
-        if not expired:
-            del self._expired[slot]
-        return True
-
-    def _expire(self, slot: int) -> None:
-        tasks = self._slots.pop(slot, set())
-        if tasks:
-            self._expired[slot] = tasks
-        for task in tasks:
-            task.cancel()
-
-
 class Producer:
     """The process's one Kafka producer: acks=all, idempotence as configured."""
 
     def __init__(self, settings: KafkaSettings) -> None:
         self._settings = settings
         self._producer: AIOKafkaProducer | None = None
-        self._deadlines = _Deadlines()
+        self._deadlines = Deadlines()
 
     async def start(self) -> None:
         if self._producer is not None:
@@ -414,25 +368,12 @@ class Producer:
         A send that times out may still be delivered later: callers must tolerate that.
         `partition` None leaves it to the key's hash.
         """
-        if timeout is None:
-            return await self._running.send_and_wait(
-                topic, value, key=key.encode(), headers=headers, partition=partition
-            )
-        task = asyncio.current_task()
-        assert task is not None  # a coroutine awaited runs in a task
-        cancelling = task.cancelling()
-        slot = self._deadlines.enter(task, timeout)
-        try:
-            metadata: RecordMetadata = await self._running.send_and_wait(
-                topic, value, key=key.encode(), headers=headers, partition=partition
-            )
-        except asyncio.CancelledError:
-            # Cancelled by its deadline, and by nothing else: a timeout.
-            if self._deadlines.leave(task, slot) and task.uncancel() <= cancelling:
-                raise TimeoutError from None
-            raise
-        finally:
-            self._deadlines.leave(task, slot)
+        sent = self._running.send_and_wait(
+            topic, value, key=key.encode(), headers=headers, partition=partition
+        )
+        metadata: RecordMetadata = await (
+            sent if timeout is None else self._deadlines.within(timeout, sent)
+        )
         return metadata
 
     async def flush(self, timeout: float) -> bool:

@@ -37,6 +37,7 @@ from urllib.parse import urlsplit
 import httptools
 import httpx
 
+from bridge.deadlines import Deadlines
 from bridge.providers.base import ProviderResponse
 
 # What httpx keeps an idle connection for by default.
@@ -70,6 +71,7 @@ class ProviderClient:
         # Per URL: its origin and the request head up to the headers that vary.
         self._targets: dict[str, tuple[_Origin, bytes]] = {}
         self._closed = False
+        self._deadlines = Deadlines()
 
     async def post(
         self,
@@ -90,16 +92,20 @@ class ProviderClient:
             parts.append(_checked(name).encode() + b": " + _checked(value).encode() + b"\r\n")
         parts.append(b"content-length: %d\r\n\r\n" % len(content))
         parts.append(content)
-        async with asyncio.timeout(timeout):
-            connection = await self._take(origin)
-            self._busy.add(connection)
-            try:
-                answer = await connection.exchange(b"".join(parts), max_bytes)
-            except BaseException:
-                # Given up (timeout, cancelled) or failed: what is left on it is unknown.
-                self._busy.discard(connection)
-                connection.close()
-                raise
+        return await self._deadlines.within(
+            timeout, self._exchange(origin, b"".join(parts), max_bytes)
+        )
+
+    async def _exchange(self, origin: _Origin, request: bytes, max_bytes: int) -> ProviderResponse:
+        connection = await self._take(origin)
+        self._busy.add(connection)
+        try:
+            answer = await connection.exchange(request, max_bytes)
+        except BaseException:
+            # Given up (timeout, cancelled) or failed: what is left on it is unknown.
+            self._busy.discard(connection)
+            connection.close()
+            raise
         self._release(origin, connection)
         return answer
 

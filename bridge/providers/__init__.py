@@ -6,6 +6,7 @@ Adding a provider is one module with a `PROVIDER` object that satisfies
 
 from __future__ import annotations
 
+import functools
 import importlib
 from typing import TYPE_CHECKING
 
@@ -23,6 +24,7 @@ def names() -> tuple[str, ...]:
     return tuple(_REGISTRY)
 
 
+@functools.cache  # asked for every callback and every query
 def get(name: str) -> Provider:
     """The provider called `name`; KeyError when there is none."""
     module = importlib.import_module(_REGISTRY[name])

@@ -9,6 +9,7 @@ import time
 
 from bridge.accounts import Account
 from bridge.config import WorkerSettings
+from bridge.deadlines import Deadlines
 from bridge.errors import ProviderError, ProviderUnavailable
 from bridge.orders import OrderSnapshot
 from bridge.worker.gateway import Gateways
@@ -38,6 +39,7 @@ class Confirmer:
     def __init__(self, gateways: Gateways, settings: WorkerSettings) -> None:
         self._gateways = gateways
         self._settings = settings
+        self._deadlines = Deadlines()
 
     async def confirm(self, account: Account, order_id: str) -> OrderSnapshot:
         """The order as the provider confirms it, for a hint: urgent, retried.
@@ -53,8 +55,8 @@ class Confirmer:
         while True:
             attempt += 1
             try:
-                async with asyncio.timeout(deadline - time.monotonic()):
-                    return await self.query(account, order_id, urgent=True)
+                asked = self.query(account, order_id, urgent=True)
+                return await self._deadlines.within(deadline - time.monotonic(), asked)
             except TimeoutError:
                 # Raised by the timeout only: query timeouts are ProviderUnavailable.
                 if last is None:

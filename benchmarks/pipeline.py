@@ -1,7 +1,8 @@
 """The bridge end to end on loopback: callbacks in through the receiver, status events out.
 
     .venv/bin/python benchmarks/pipeline.py [--orders 3000] [--concurrency 32]
-        [--provider-latency MS] [--mode serve|split] [--save-baseline]
+        [--provider-latency MS] [--mode serve|split] [--workers N [--against-one-worker]]
+        [--save-baseline]
 
 It starts the embedded broker, the sandbox providers (in this process) and the bridge
 as real processes from this tree: `order-bridge serve` (`--mode serve`, receiver and
@@ -22,6 +23,12 @@ is VOID (exit 1) when it does not balance: an accepted order with neither an eve
 a dead letter EVENT_TIMEOUT seconds after the last answer. It FAILS (exit 1) if an
 order gets more than one event (watched for GRACE seconds more) or one that is not
 `succeeded`.
+
+In split mode, each worker's share of the measured orders follows (events published and
+queries sent, by provider, from its /metrics), with the speedup over one worker that this
+split allows when the provider's latency binds (see `ideal_speedup`), and the time the
+busiest worker's busiest account needs at the provider's latency. `--against-one-worker`
+first runs the same with one worker, then prints the measured speedup beside the ideal.
 
 The figures are printed beside those of `benchmarks/pipeline_baseline.json`, if saved
 (compared only for the same orders, clients, latency and mode). See benchmarks/README.md.
@@ -286,6 +293,141 @@ async def metrics_summary(url: str) -> str:
     return ", ".join(f"{k} {v:g}" for k, v in sorted(totals.items())) or "none"
 
 
+# The series of a worker's /metrics the split is read from: events published (the
+# `publish` outcome of its hints), queries sent and their seconds, by provider.
+SPLIT_SERIES = (
+    "order_bridge_hints_total",
+    "order_bridge_queries_total",
+    "order_bridge_query_seconds_sum",
+    "order_bridge_inbox_lag",
+)
+
+
+async def scrape(url: str) -> dict[tuple[str, str], float]:
+    """A worker's counters that tell how much of the run it took, by (series, provider):
+    `events` (its hints that published), `queries`, `query_seconds` (their time added
+    up), and one ("partition", N) a partition it owns (`order_bridge_inbox_lag`)."""
+    async with httpx.AsyncClient(timeout=10) as http:
+        text = (await http.get(f"{url}/metrics")).text
+    counts: dict[tuple[str, str], float] = defaultdict(float)
+    for line in text.splitlines():
+        if not line.startswith(SPLIT_SERIES):
+            continue
+        sample, _, value = line.rpartition(" ")
+        name, _, rest = sample.partition("{")
+        labels = dict(
+            (k, v.strip('"')) for k, _, v in (p.partition("=") for p in rest.rstrip("}").split(","))
+        )
+        if name == "order_bridge_inbox_lag":
+            counts["partition", labels.get("partition", "?")] = 1
+        elif name == "order_bridge_hints_total" and labels.get("outcome") == "publish":
+            counts["events", labels.get("provider", "?")] += float(value)
+        elif name == "order_bridge_queries_total":
+            counts["queries", labels.get("provider", "?")] += float(value)
+        elif name == "order_bridge_query_seconds_sum":
+            counts["query_seconds", labels.get("provider", "?")] += float(value)
+    return counts
+
+
+@dataclass(frozen=True)
+class WorkerShare:
+    """What one worker did in the measured window (its counters after, less before)."""
+
+    name: str
+    partitions: tuple[int, ...]
+    events: Mapping[str, float]  # by provider
+    queries: Mapping[str, float]
+    query_seconds: Mapping[str, float]
+
+
+def worker_share(
+    name: str, before: Mapping[tuple[str, str], float], after: Mapping[tuple[str, str], float]
+) -> WorkerShare:
+    def of(series: str) -> dict[str, float]:
+        return {p: after.get((series, p), 0.0) - before.get((series, p), 0.0) for p in PROVIDERS}
+
+    owned = tuple(sorted(int(p) for s, p in after if s == "partition" and p.isdigit()))
+    return WorkerShare(name, owned, of("events"), of("queries"), of("query_seconds"))
+
+
+def ideal_speedup(shares: Sequence[WorkerShare], per: str) -> float:
+    """The speedup of N workers over one that this split allows when the provider's
+    latency binds. A worker confirms an account's orders at most `max_concurrent_queries`
+    queries at a time, each taking the provider's latency L, and the accounts go on side
+    by side; so one worker needs max over accounts a of Q[a] / c x L, and N workers need
+    max over workers w and accounts a of Q[w][a] / c x L, c and L the same for all:
+
+        ideal = max_a sum_w Q[w][a] / max_w,a Q[w][a]
+
+    Q[w][a]: `per` ("queries" or "events") of account a on worker w in the window. Queries
+    are what holds a slot: lemft and lunpay send one an order, kasushou's orders waiting
+    together go out up to 20 a query, so by events kasushou would count for too much.
+    The window adds a start and an end (about 0.2 to 0.3 s here) that the ideal leaves out."""
+    counts = [getattr(share, per) for share in shares]
+    busiest = max((c[p] for c in counts for p in PROVIDERS), default=0.0)
+    whole = max(sum(c[p] for c in counts) for p in PROVIDERS)
+    return whole / busiest if busiest else 0.0
+
+
+@dataclass(frozen=True)
+class Split:
+    """How the measured orders went to the workers, and what that allows."""
+
+    shares: tuple[WorkerShare, ...]
+    window: float  # seconds, first post -> last event
+    max_queries: int
+    latency_ms: float
+
+    @property
+    def ideal(self) -> float:
+        return ideal_speedup(self.shares, "queries")
+
+    def lines(self) -> list[str]:
+        n = len(self.shares)
+        out = [
+            f"\nthe split of the orders, {n} worker{'s' if n > 1 else ''} (info): events published"
+            " / queries sent (their mean ms), by provider"
+        ]
+        for share in self.shares:
+            cells = [
+                f"{p} {share.events[p]:,.0f} / {share.queries[p]:,.0f}"
+                + (
+                    f" ({share.query_seconds[p] / share.queries[p] * 1000:.0f} ms)"
+                    if share.queries[p]
+                    else ""
+                )
+                for p in PROVIDERS
+            ]
+            owned = ",".join(map(str, share.partitions)) or "?"
+            events = sum(share.events.values())
+            out.append(
+                f"  {share.name} (partitions {owned}): {', '.join(cells)}; events {events:,.0f}"
+            )
+        out += [
+            f"ideal speedup given this split (info): {self.ideal:.2f}x (by events instead of"
+            f" queries: {ideal_speedup(self.shares, 'events'):.2f}x)",
+            "  = max_a sum_w Q[w][a] / max_w,a Q[w][a], Q[w][a] the queries of account a on"
+            " worker w: latency-bound, w needs Q[w][a] / max_concurrent_queries x latency for a",
+        ]
+        share, provider = max(
+            ((s, p) for s in self.shares for p in PROVIDERS), key=lambda t: t[0].queries[t[1]]
+        )
+        most = share.queries[provider]
+        if self.latency_ms and most:
+            # At the provider's latency, and at the mean time its queries took (the
+            # sandbox's latency plus the bridge's and the sandbox's own time, and waits).
+            bound = most / self.max_queries * self.latency_ms / 1000
+            busy = share.query_seconds[provider]
+            took = busy / self.max_queries
+            out.append(
+                f"latency bound: {provider} on {share.name}, {most:,.0f} queries / "
+                f"{self.max_queries} in flight x {self.latency_ms:g} ms = {bound:.2f} s"
+                f" (x their mean {busy / most * 1000:.0f} ms: {took:.2f} s); the window"
+                f" (first post -> last event) {self.window:.2f} s, {self.window - took:.2f} s more"
+            )
+        return out
+
+
 async def dead_letter_keys(config: Config) -> set[str]:
     """Keys of the worker's dead letters (records with a `reason`) in the dead-letter topic."""
     topic = config.kafka.deadletter_topic
@@ -378,8 +520,8 @@ async def bridge_processes(
         yield processes, pids, [url] if run.mode == "receiver" else [url, *worker_urls]
 
 
-async def measure(run: Run) -> tuple[dict[str, float], bool]:
-    """The figures, and whether the ledger balanced."""
+async def measure(run: Run) -> tuple[dict[str, float], bool, Split | None]:
+    """The figures, whether the ledger balanced, and in split mode the split."""
     suffix = uuid.uuid4().hex[:8]
     accounts = {a.provider: a.name for a in demo_accounts()}
     sandbox = Sandbox(demo_accounts(), seed=SEED)
@@ -416,6 +558,9 @@ async def measure(run: Run) -> tuple[dict[str, float], bool]:
 
         paced = f", {run.rate:g} a second" if run.rate else ""
         print(f"posting {run.orders:,} callbacks, {run.concurrency} at a time{paced} ...")
+        # Split mode: each worker's counters, so that the warm-up's are left out.
+        worker_urls = metrics_urls[1:] if run.mode == "split" else []
+        counts_before = [await scrape(u) for u in worker_urls]
         cpu_before = cpu_times(pids)
         answers = await post_all(url, callbacks, run.concurrency, run.rate)
         answered = time.monotonic()
@@ -460,6 +605,10 @@ async def measure(run: Run) -> tuple[dict[str, float], bool]:
                 f"the sent" + ("" if balanced else ": no, VOID")
             )
         summary = "; ".join([await metrics_summary(u) for u in metrics_urls])
+        shares = [
+            worker_share(f"worker-{i}", before, await scrape(u))
+            for i, (u, before) in enumerate(zip(worker_urls, counts_before, strict=True))
+        ]
         queries = len(sandbox.queries) - queries_before
         peak = sum(rss_bytes(pid)[1] for role_pids in pids.values() for pid in role_pids)
         print(f"bridge metrics: {summary}")
@@ -497,7 +646,8 @@ async def measure(run: Run) -> tuple[dict[str, float], bool]:
     for part in ("bridge", "driver", "broker", *pids):
         figures[f"{part}_cpu_pct"] = used[part] / window * 100
         figures[f"{part}_cpu_ms"] = used[part] / run.orders * 1000
-    return figures, balanced
+    split = Split(tuple(shares), window, run.max_queries, run.latency_ms) if shares else None
+    return figures, balanced, split
 
 
 def check_events(arrivals: Arrivals, accepted: Sequence[str]) -> None:
@@ -588,6 +738,11 @@ def main() -> None:
     )
     parser.add_argument("--workers", type=int, default=1, help="worker processes in split (1)")
     parser.add_argument(
+        "--against-one-worker",
+        action="store_true",
+        help="split: first the same run with 1 worker, then the speedup of --workers N",
+    )
+    parser.add_argument(
         "--max-queries", type=int, default=Run.max_queries, help="queries in flight an account"
     )
     parser.add_argument(
@@ -604,6 +759,10 @@ def main() -> None:
         )
     if args.workers != 1 and args.mode != "split":
         parser.error("--workers is for --mode split")
+    if args.against_one_worker and (args.mode != "split" or args.workers < 2):
+        parser.error("--against-one-worker is for --mode split with --workers 2 or more")
+    if args.against_one_worker and args.against_receiver:
+        parser.error("--against-one-worker and --against-receiver: one or the other")
     run = Run(
         args.orders,
         args.concurrency,
@@ -614,15 +773,26 @@ def main() -> None:
         args.max_queries,
         args.query_rate,
     )
-    runs = [dataclasses.replace(run, mode="receiver"), run] if args.against_receiver else [run]
-    rates = []
-    for each in runs:
-        figures = measured(each)
-        rates.append(figures["accepted_per_s"])
+    runs = [run]
     if args.against_receiver:
+        runs.insert(0, dataclasses.replace(run, mode="receiver"))
+    if args.against_one_worker:
+        runs.insert(0, dataclasses.replace(run, workers=1))
+    results = [measured(each) for each in runs]
+    figures, split = results[-1]
+    if args.against_receiver:
+        rates = [results[0][0]["accepted_per_s"], figures["accepted_per_s"]]
         print(
             f"\n{run.mode} answered {rates[1]:,.0f} callbacks/s, a receiver alone {rates[0]:,.0f}:"
             f" {rates[1] / rates[0]:.2f} of it"
+        )
+    if args.against_one_worker and split is not None:
+        one, many = results[0][0]["events_per_s"], figures["events_per_s"]
+        speedup = many / one
+        print(
+            f"\nmeasured speedup (info): {many:,.0f} / {one:,.0f} events/s = {speedup:.2f}x with"
+            f" {run.workers} workers against 1; ideal given the split {split.ideal:.2f}x;"
+            f" measured / ideal {speedup / split.ideal:.2f}"
         )
     if args.save_baseline:
         save_baseline(BASELINE, params(run), shown_figures(run, figures), figures)
@@ -632,10 +802,10 @@ def shown_figures(run: Run, figures: Mapping[str, float]) -> tuple[Figure, ...]:
     return tuple(f for f in (*FIGURES, *ROLE_FIGURES) if f.name in figures)
 
 
-def measured(run: Run) -> dict[str, float]:
+def measured(run: Run) -> tuple[dict[str, float], Split | None]:
     """Measures and reports one run; SystemExit if it fails or is void."""
     try:
-        figures, balanced = asyncio.run(measure(run))
+        figures, balanced, split = asyncio.run(measure(run))
     except StartupError as exc:
         raise SystemExit(f"FAILED: {exc}") from None
     report(
@@ -648,9 +818,11 @@ def measured(run: Run) -> dict[str, float]:
         describe=describe,
         mismatch="other parameters: nothing is compared",
     )
+    if split is not None:
+        print("\n".join(split.lines()))
     if not balanced:
         raise SystemExit("VOID: the ledger does not balance")
-    return figures
+    return figures, split
 
 
 if __name__ == "__main__":

@@ -246,13 +246,15 @@ async def stop_consumer(consumer: AIOKafkaConsumer) -> None:
     aiokafka (aio-libs/aiokafka#647) lets the cancellation of a fetch that is backing
     off after a failure escape from `stop()`, half-way: the caller's task would look
     cancelled and the connections would stay open. Only a cancellation of our own
-    task is passed on.
+    task that came during `stop()` is passed on: one from before (Ctrl-C cancels a
+    command's task, which then stops its consumer) must not cut the stop short.
     """
+    task = asyncio.current_task()
+    cancelling = task.cancelling() if task is not None else 0
     try:
         await consumer.stop()
     except asyncio.CancelledError:
-        task = asyncio.current_task()
-        if task is not None and task.cancelling():
+        if task is not None and task.cancelling() > cancelling:
             raise
         # Its fetch loop too: the one still pending would be lost with the consumer.
         fetcher = consumer._fetcher

@@ -67,6 +67,35 @@ async def test_a_consumer_stopped_while_its_fetches_fail_stops_cleanly(
     await stop_consumer(consumer)  # raised CancelledError here (aio-libs/aiokafka#647)
 
 
+async def test_a_command_stopped_by_ctrl_c_as_fetches_fail_leaves_nothing_running(
+    cut_off_broker: CutOffBroker, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Ctrl-C cancels a command's task, which stops its consumer on the way out: the
+    cancellation it already has must not cut that stop short, or the client's tasks
+    stay behind for asyncio.run to wait on."""
+    settings = cut_off_broker.settings
+    await ensure_topics(settings)
+    before = asyncio.all_tasks()
+    consumer = AIOKafkaConsumer(**client_options(settings), fetch_max_wait_ms=50)
+    await consumer.start()
+    consumer.assign([TopicPartition(settings.inbox_topic, 0)])
+    await consumer.getmany(timeout_ms=100)
+    cut_off_broker.proxy.cut()
+
+    async def command() -> None:
+        try:
+            await consumer.getmany(timeout_ms=10_000)
+        finally:
+            await stop_consumer(consumer)
+
+    running = asyncio.create_task(command())
+    await wait_for_log(caplog, "Failed fetch messages")
+    running.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await running
+    assert [t for t in asyncio.all_tasks() - before if not t.done()] == []
+
+
 async def test_a_worker_assigned_partitions_as_kafka_goes_away_waits_for_its_state(
     sandbox: RunningSandbox, cut_off_broker: CutOffBroker, caplog: pytest.LogCaptureFixture
 ) -> None:

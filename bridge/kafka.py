@@ -329,10 +329,12 @@ class Producer:
             # batch anyway while a request is in flight (benchmarks/README.md).
             linger_ms=0,
             # While a partition's batch is in flight the next one fills, and a full one
-            # makes each further send wait on a timer: at 16 KiB (aiokafka's default)
-            # that was ~12% of a busy worker's CPU. 64 KiB: worker -7% CPU an order
-            # (benchmarks/README.md); far below Kafka's 1 MB message.max.bytes.
-            max_batch_size=64 * 1024,
+            # makes each further send wait for it to drain (aiokafka sends one request
+            # at a time to a broker). A worker's hints come a partition at a time, so
+            # its events do too: at 64 KiB, 1 send in 3 of a busy worker waited, at 256
+            # KiB almost none did, -13% CPU an order (benchmarks/README.md). A quarter
+            # of Kafka's default message.max.bytes (1 MB).
+            max_batch_size=256 * 1024,
             request_timeout_ms=30_000,
             partitioner=partition_for,
         )

@@ -14,7 +14,7 @@ import json
 import os
 import signal
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from typing import NoReturn, TypeVar
 
 import httpx
@@ -269,8 +269,34 @@ def _log_options(args: argparse.Namespace) -> list[str]:
 def _tail(args: argparse.Namespace) -> int:
     from bridge.tail import tail
 
-    asyncio.run(tail(_load(args).kafka, from_beginning=args.from_beginning))
-    return 0
+    return _until_interrupted(tail(_load(args).kafka, from_beginning=args.from_beginning))
+
+
+def _until_interrupted(follow: Coroutine[None, None, None]) -> int:
+    """Runs a command that follows a topic until SIGINT or SIGTERM (exit code 128 + the
+    signal's number, 130 for Ctrl-C), as `serve` stops: also when started with SIGINT
+    ignored, as a shell starts a background job, which Python would otherwise keep."""
+
+    async def run() -> int:
+        task = asyncio.current_task()
+        assert task is not None
+        stopped_by: list[int] = []
+
+        def stop(signum: int) -> None:
+            stopped_by.append(signum)
+            task.cancel()
+
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop, sig)
+        try:
+            await follow
+        except asyncio.CancelledError:
+            if not stopped_by:
+                raise
+        return 128 + stopped_by[0] if stopped_by else 0
+
+    return asyncio.run(run())
 
 
 def _letters(args: argparse.Namespace) -> int:
@@ -281,13 +307,16 @@ def _letters(args: argparse.Namespace) -> int:
         line = json.dumps(letter.to_json()) if args.json else letter.describe()
         print(line, flush=True)
 
+    async def follow() -> None:
+        async with deadletters.follow(settings, chosen) as letters:
+            print(f"following {settings.deadletter_topic} (Ctrl-C stops)", file=sys.stderr)
+            async for letter in letters:
+                show(letter)
+
+    if args.follow:
+        return _until_interrupted(follow())
+
     async def run() -> None:
-        if args.follow:
-            async with deadletters.follow(settings, chosen) as letters:
-                print(f"following {settings.deadletter_topic} (Ctrl-C stops)", file=sys.stderr)
-                async for letter in letters:
-                    show(letter)
-            return
         topic = await deadletters.read_topic(settings)
         chosen_letters = deadletters.newest_first(topic.chosen(chosen))
         for letter in chosen_letters:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Mapping, Sequence
 
 import httpx
@@ -64,14 +65,14 @@ async def _query_orders(
 
     try:
         if isinstance(http, ProviderClient):
-            answer = await tracing.post(
-                http,
+            send = functools.partial(
+                http.post,
                 request.url,
-                request.headers,
-                request.content,
+                content=request.content,
                 timeout=account.query_timeout,
                 max_bytes=MAX_ANSWER_BYTES,
             )
+            answer = await tracing.post(request.url, request.headers, send)
         else:
             answer = await _post(http, request.url, request.headers, request.content, account)
     except AnswerTooLarge:

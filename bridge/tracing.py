@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import re
-from collections.abc import Awaitable, Mapping
+from collections.abc import Mapping
 from contextvars import ContextVar
 from typing import TYPE_CHECKING
 
@@ -26,9 +26,8 @@ from bridge.errors import ConfigError
 if TYPE_CHECKING:
     from starlette.applications import Starlette
 
-    from bridge.otel import OpenTelemetry
+    from bridge.otel import OpenTelemetry, Send
     from bridge.providers.base import ProviderResponse
-    from bridge.providers.client import ProviderClient
 
 HEADER = "traceparent"
 
@@ -118,21 +117,9 @@ class _Carried:
         _carried.reset(self._token)
 
 
-async def post(
-    client: ProviderClient,
-    url: str,
-    headers: Mapping[str, str],
-    content: bytes,
-    *,
-    timeout: float,
-    max_bytes: int,
-) -> ProviderResponse:
-    """`client.post()` for a query: when traced, in a client span its header names; else
-    with the traceparent carried."""
-
-    def send(headers: Mapping[str, str]) -> Awaitable[ProviderResponse]:
-        return client.post(url, headers, content, timeout=timeout, max_bytes=max_bytes)
-
+async def post(url: str, headers: Mapping[str, str], send: Send) -> ProviderResponse:
+    """`send(headers)`, a query's POST to `url`: when traced, in a client span its header
+    names; else with the traceparent carried."""
     if _otel is not None:
         return await _otel.post(url, headers, send)
     if carried := _carried.get():

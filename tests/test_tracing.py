@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import subprocess
 import sys
 import time
@@ -242,9 +243,10 @@ async def test_the_stable_http_conventions_when_opted_in_and_no_url_secret(
     with_secrets = url.replace("http://", "http://user:s3cret@") + "?key=s3cret"
     with traced() as spans:
         async with ProviderClient("t") as client:
-            answer = await tracing.post(
-                client, with_secrets, {}, b"{}", timeout=5, max_bytes=10_000
+            send = functools.partial(
+                client.post, with_secrets, content=b"{}", timeout=5, max_bytes=10_000
             )
+            answer = await tracing.post(with_secrets, {}, send)
 
     assert answer.status_code == 200  # the provider's own error, in the body
     (query,) = client_spans(spans)

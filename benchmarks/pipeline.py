@@ -24,6 +24,10 @@ a dead letter EVENT_TIMEOUT seconds after the last answer. It FAILS (exit 1) if 
 order gets more than one event (watched for GRACE seconds more) or one that is not
 `succeeded`.
 
+After the figures, where a callback's time went (info): the percentiles of each stage,
+from the poster's clock, the sandbox's log of queries, each event record's timestamp and
+the reader's clock (`stage_figures`).
+
 In split mode, each worker's share of the measured orders follows (events published and
 queries sent, by provider, from its /metrics), with the speedup over one worker that this
 split allows when the provider's latency binds (see `ideal_speedup`), and the time the
@@ -55,7 +59,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.structs import ConsumerRecord
 from baseline_report import MIB, Figure, load_baseline, report, rss_bytes, save_baseline
 from bench_procs import (
     RoleProcess,
@@ -73,7 +79,7 @@ from bridge.dev import demo_accounts
 from bridge.errors import StartupError
 from bridge.sandbox import Faults, Sandbox
 from bridge.servers import serve
-from bridge.tail import Event, each_event
+from bridge.tail import follow_topic
 
 SCRIPT = Path(__file__).resolve()
 BASELINE = SCRIPT.with_name("pipeline_baseline.json")
@@ -215,10 +221,13 @@ async def post_all(
 
 
 class Arrivals:
-    """Every status event read, with when this process read it."""
+    """Every status event read: when this process read it, and when the worker wrote it."""
 
     def __init__(self) -> None:
         self.seen: dict[str, list[float]] = {}
+        # Each key's first event: its record's timestamp (the worker's wall clock when
+        # its producer took the record, in ms), on time.monotonic()'s clock.
+        self.written: dict[str, float] = {}
         self.statuses: dict[str, set[str]] = {}
 
     @classmethod
@@ -227,12 +236,32 @@ class Arrivals:
         arrivals = cls()
         # The embedded broker holds an empty fetch for its whole wait, even when a record
         # comes: a wait of 100 ms would be up to 100 ms on every event's latency.
-        async with each_event(config.kafka, arrivals._seen, max_wait_ms=READER_MAX_WAIT_MS):
-            yield arrivals
+        async with follow_topic(
+            config.kafka,
+            config.kafka.status_topic,
+            from_beginning=True,
+            max_wait_ms=READER_MAX_WAIT_MS,
+        ) as records:
+            task = asyncio.create_task(arrivals._read(records))
+            try:
+                yield arrivals
+            finally:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
 
-    async def _seen(self, event: Event) -> None:
-        self.seen.setdefault(event.key, []).append(time.monotonic())
-        self.statuses.setdefault(event.key, set()).add(str(event.value.get("status")))
+    async def _read(self, records: AsyncIterator[ConsumerRecord]) -> None:
+        to_monotonic = time.monotonic() - time.time()
+        async for record in records:
+            read = time.monotonic()
+            key = record.key.decode() if record.key else ""
+            try:
+                status = str(orjson.loads(record.value).get("status"))
+            except (orjson.JSONDecodeError, AttributeError, TypeError):
+                status = "unreadable"
+            self.seen.setdefault(key, []).append(read)
+            self.written.setdefault(key, record.timestamp / 1000 + to_monotonic)
+            self.statuses.setdefault(key, set()).add(status)
 
     async def wait(self, keys: Sequence[str], timeout: float) -> bool:
         """Whether every key had an event within `timeout` seconds."""
@@ -610,6 +639,10 @@ async def measure(run: Run) -> tuple[dict[str, float], bool, Split | None]:
             for i, (u, before) in enumerate(zip(worker_urls, counts_before, strict=True))
         ]
         queries = len(sandbox.queries) - queries_before
+        queried: dict[str, float] = {}  # by order id, when the sandbox got its first query
+        for query in sandbox.queries[queries_before:]:
+            for order_id in query.order_ids:
+                queried.setdefault(order_id, query.received_at)
         peak = sum(rss_bytes(pid)[1] for role_pids in pids.values() for pid in role_pids)
         print(f"bridge metrics: {summary}")
         for role, process in processes.items():
@@ -632,6 +665,7 @@ async def measure(run: Run) -> tuple[dict[str, float], bool, Split | None]:
         seen = [(c, a) for c, a in zip(callbacks, answers, strict=True) if c.key in arrivals.seen]
         e2e = [arrivals.seen[c.key][0] - a.answered for c, a in seen]
         c2e = [arrivals.seen[c.key][0] - a.sent for c, a in seen]
+        figures |= stage_figures(seen, arrivals, queried)
         figures |= {
             "e2e_p50_ms": percentile(e2e, 0.50) * 1000,
             "e2e_p99_ms": percentile(e2e, 0.99) * 1000,
@@ -648,6 +682,58 @@ async def measure(run: Run) -> tuple[dict[str, float], bool, Split | None]:
         figures[f"{part}_cpu_ms"] = used[part] / run.orders * 1000
     split = Split(tuple(shares), window, run.max_queries, run.latency_ms) if shares else None
     return figures, balanced, split
+
+
+# Where a callback's time goes, stage by stage: each stage's (name, what it spans).
+STAGES = (
+    ("answer", "receiver: callback sent -> answered 200"),
+    ("take", "worker takes the hint: answered -> provider queried"),
+    ("confirm", "provider answers, worker writes: queried -> event's record"),
+    ("publish", "event published and read: event's record -> read"),
+    ("whole", "the whole: callback sent -> event read"),
+)
+
+
+def stage_figures(
+    seen: Sequence[tuple[Callback, Answer]], arrivals: Arrivals, queried: Mapping[str, float]
+) -> dict[str, float]:
+    """p50 / p90 / p99 ms of each of STAGES, over the orders whose event was read.
+
+    `queried` is when the sandbox's handler started on an order's first query: time in
+    this process's event loop, which the sandbox shares with the reader, is in it. An
+    event's record is stamped when the worker's producer takes it, in whole ms of the
+    wall clock, so `confirm` and `publish` are each +-1 ms."""
+    spans: dict[str, list[float]] = {name: [] for name, _ in STAGES}
+    for callback, answer in seen:
+        order_id = callback.key.rpartition("/")[2]
+        query, written = queried.get(order_id), arrivals.written[callback.key]
+        spans["answer"].append(answer.answered - answer.sent)
+        read = arrivals.seen[callback.key][0]
+        spans["publish"].append(read - written)
+        spans["whole"].append(read - answer.sent)
+        if query is not None:  # always, unless the bridge published without a query
+            spans["take"].append(query - answer.answered)
+            spans["confirm"].append(written - query)
+    return {
+        f"stage_{name}_p{p}_ms": percentile(values, p / 100) * 1000
+        for name, values in spans.items()
+        if values
+        for p in (50, 90, 99)
+    }
+
+
+def stage_lines(figures: Mapping[str, float]) -> list[str]:
+    """The table of where a callback's time went (info: each stage's percentiles are
+    its own, so the stages' do not add up to the whole's)."""
+    if "stage_whole_p50_ms" not in figures:
+        return []
+    lines = ["", f"{'where the time goes (info)':<62}  p50 ms  p90 ms  p99 ms"]
+    for name, what in STAGES:
+        shown = [figures.get(f"stage_{name}_p{p}_ms") for p in (50, 90, 99)]
+        lines.append(
+            f"  {what:<60}" + "".join(f"{'-' if v is None else f'{v:.1f}':>8}" for v in shown)
+        )
+    return lines
 
 
 def check_events(arrivals: Arrivals, accepted: Sequence[str]) -> None:
@@ -818,6 +904,8 @@ def measured(run: Run) -> tuple[dict[str, float], Split | None]:
         describe=describe,
         mismatch="other parameters: nothing is compared",
     )
+    for line in stage_lines(figures):
+        print(line)
     if split is not None:
         print("\n".join(split.lines()))
     if not balanced:

@@ -58,6 +58,17 @@ def test_pipeline_prints_figures_and_balanced_ledger() -> None:
     assert "events/s overall" in output
     assert "callback sent -> event readable, p99.9 ms" in output
     assert "worker(s) CPU ms / order" in output
+    # Every stage of the breakdown measured: three figures each, none missing.
+    stages = output.split("where the time goes", 1)[1].splitlines()[1:6]
+    assert [line.split(":")[0].strip() for line in stages] == [
+        "receiver",
+        "worker takes the hint",
+        "provider answers, worker writes",
+        "event published and read",
+        "the whole",
+    ], stages
+    for line in stages:
+        assert len([float(figure) for figure in line.split()[-3:]]) == 3, line  # not "-"
 
 
 @pytest.mark.slow

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import datetime
 import ipaddress
@@ -10,6 +11,7 @@ import ssl
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -18,6 +20,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from bridge.errors import ConfigError
 from bridge.providers.client import AnswerTooLarge, ProviderClient
 
 OK = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\nok"
@@ -309,3 +312,146 @@ async def test_tls_is_verified(certificate: tuple[Path, Path]) -> None:
             assert [await post(client, server.url) for _ in range(2)] == [b"ok"] * 2
     # The refused handshake never reached the handler; the trusted one was reused.
     assert server.opened == 1
+
+
+# -- through an HTTP proxy -------------------------------------------------------------
+
+
+@dataclass
+class ProxyServer:
+    url: str = ""
+    # An answer to CONNECT instead of the tunnel.
+    refuse: bytes = b""
+    # The head of each request a client sent it, and every byte relayed after one.
+    heads: list[bytes] = field(default_factory=list)
+    relayed: bytearray = field(default_factory=bytearray)
+
+
+@contextlib.asynccontextmanager
+async def proxy_server(refuse: bytes = b"") -> AsyncIterator[ProxyServer]:
+    """A proxy as squid is one: CONNECT tunnels, and plain HTTP forwarded from an
+    absolute URL, on one upstream connection a client connection."""
+    state = ProxyServer(refuse=refuse)
+
+    async def pipe(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, seen: bytearray | None
+    ) -> None:
+        try:
+            while data := await reader.read(65536):
+                if seen is not None:
+                    seen += data
+                writer.write(data)
+                await writer.drain()
+        except OSError:
+            pass
+        finally:
+            writer.close()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+        except (OSError, asyncio.IncompleteReadError):
+            writer.close()
+            return
+        state.heads.append(head)
+        method, target, _ = head.split(b"\r\n", 1)[0].split(b" ")
+        if method == b"CONNECT":
+            if state.refuse:
+                writer.write(state.refuse)
+                writer.close()
+                return
+            host, _, port = target.decode().rpartition(":")
+            upstream = await asyncio.open_connection(host, int(port))
+            writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        else:
+            url = urlsplit(target.decode())
+            upstream = await asyncio.open_connection(url.hostname, url.port)
+            upstream[1].write(head.replace(target, url.path.encode(), 1))
+        await asyncio.gather(
+            pipe(reader, upstream[1], state.relayed), pipe(upstream[0], writer, None)
+        )
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    state.url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    async with server:
+        yield state
+
+
+def with_credentials(url: str, credentials: str) -> str:
+    return url.replace("http://", f"http://{credentials}@", 1)
+
+
+async def test_an_https_query_goes_through_the_proxys_tunnel(
+    certificate: tuple[Path, Path],
+) -> None:
+    cert_path, key_path = certificate
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_context.load_cert_chain(cert_path, key_path)
+    trusting = httpx.create_ssl_context(verify=ssl.create_default_context(cafile=cert_path))
+    async with http_server(tls=server_context) as server, proxy_server() as proxy:
+        proxies = {"https": with_credentials(proxy.url, "ops:p%40ss")}
+        async with ProviderClient("t", ssl_context=trusting, proxies=proxies) as client:
+            answers = [await post(client, server.url, x_card="4111111111111111") for _ in range(2)]
+    assert answers == [b"ok"] * 2
+    port = urlsplit(server.url).port
+    assert port is not None
+    authorization = b"Basic " + base64.b64encode(b"ops:p@ss")
+    assert proxy.heads == [
+        b"CONNECT 127.0.0.1:%d HTTP/1.1\r\nhost: 127.0.0.1:%d\r\n"
+        b"proxy-authorization: %s\r\n\r\n" % (port, port, authorization)
+    ]  # one tunnel, kept alive for the second query
+    assert server.opened == 1
+    assert len(server.requests) == 2
+    # TLS runs end to end with the provider: the proxy relayed ciphertext only.
+    assert proxy.relayed
+    assert b"4111111111111111" not in proxy.relayed
+
+
+async def test_an_http_query_is_forwarded_by_the_proxy() -> None:
+    async with http_server() as server, proxy_server() as proxy:
+        proxies = {"http": with_credentials(proxy.url, "ops:pw")}
+        async with ProviderClient("t", proxies=proxies) as client:
+            assert await post(client, server.url) == b"ok"
+    assert proxy.heads[0].startswith(f"POST {server.url} HTTP/1.1\r\n".encode())
+    assert b"proxy-authorization: Basic " + base64.b64encode(b"ops:pw") in proxy.heads[0]
+    assert len(server.requests) == 1
+
+
+async def test_a_refused_tunnel_is_an_httpx_error_without_the_credentials() -> None:
+    refusal = b"HTTP/1.1 407 Proxy Authentication Required\r\ncontent-length: 0\r\n\r\n"
+    async with proxy_server(refuse=refusal) as proxy:
+        proxies = {"all": with_credentials(proxy.url, "ops:s3cret")}
+        async with ProviderClient("t", proxies=proxies) as client:
+            with pytest.raises(httpx.ProxyError, match=r"refused CONNECT 127\.0\.0\.1:9: .*407"):
+                await post(client, "https://127.0.0.1:9/api/order/query")
+            with pytest.raises(httpx.ProxyError) as caught:
+                await post(client, "https://127.0.0.1:9/api/order/query")
+    message = str(caught.value)
+    assert "s3cret" not in message
+    assert base64.b64encode(b"ops:s3cret").decode() not in message
+
+
+@pytest.mark.parametrize("no_proxy", ["127.0.0.1", "*", "example.com, 127.0.0.1"])
+async def test_no_proxy_names_the_hosts_asked_directly(no_proxy: str) -> None:
+    async with http_server() as server, proxy_server() as proxy:
+        proxies = {"all": proxy.url, "no": no_proxy}
+        async with ProviderClient("t", proxies=proxies) as client:
+            assert await post(client, server.url) == b"ok"
+    assert proxy.heads == []
+
+
+async def test_the_environments_proxy_is_the_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("http_proxy", "https_proxy", "all_proxy", "no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    async with http_server() as server, proxy_server() as proxy:
+        monkeypatch.setenv("HTTP_PROXY", proxy.url)
+        async with ProviderClient("t") as client:
+            assert await post(client, server.url) == b"ok"
+    assert len(proxy.heads) == 1
+
+
+@pytest.mark.parametrize("url", ["socks5://ops:pw@127.0.0.1:1080", "https://ops:pw@proxy:3128"])
+def test_only_http_proxies_are_taken(url: str) -> None:
+    with pytest.raises(ConfigError, match=r"HTTPS_PROXY: .* only http:// ones") as caught:
+        ProviderClient("t", proxies={"https": url})
+    assert "pw" not in str(caught.value)

@@ -15,6 +15,9 @@ from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from bridge.config import KafkaSettings
 from bridge.errors import ConfigError, StartupError
 from bridge.kafka import ensure_topics
+from tests.bridge_fixtures import bridge_config
+from tests.conftest import RunningSandbox
+from tests.procs import BridgeProcess, write_config
 
 
 async def partition_counts(settings: KafkaSettings) -> dict[str, int]:
@@ -220,3 +223,19 @@ async def test_serve_without_kafka_stops_with_one_line(tmp_path: Path) -> None:
     assert err.decode() == (
         "order-bridge: Kafka at 127.0.0.1:9 is not reachable: KafkaConnectionError\n"
     )
+
+
+async def test_a_proxy_the_worker_cannot_use_stops_it_with_one_line(
+    sandbox: RunningSandbox, kafka_settings: KafkaSettings, tmp_path: Path
+) -> None:
+    config_file = tmp_path / "bridge.toml"
+    env = write_config(bridge_config(sandbox, kafka_settings), config_file)
+    process = BridgeProcess("worker", "worker", config_file, env, tmp_path)
+    await process.start({"HTTPS_PROXY": "socks5://ops:s3cret@127.0.0.1:1080"})
+    assert process.process is not None
+    assert await asyncio.wait_for(process.process.wait(), 60) == 2, process.tail()
+    # One line, nothing left unclosed behind it (the worker's Kafka consumer, say).
+    said = [line for line in process.log.read_text().splitlines() if " INFO " not in line]
+    assert said == [
+        "order-bridge: config: HTTPS_PROXY: socks5:// proxies are not supported, only http:// ones"
+    ], process.tail()

@@ -17,9 +17,14 @@ first, with httpx's 5 s keep-alive; a timeout on the whole exchange, connecting
 included; answers delimited by content-length, chunked, or the connection's end;
 the errors, which are httpx's exception types (`httpx.ConnectError`,
 `httpx.ReadError`, `httpx.RemoteProtocolError`; `TimeoutError` for the timeout),
-so `bridge.query` maps both the same way. What it leaves out, as the providers'
-APIs need none of it: redirects (httpx does not follow them by default either),
-cookies, proxies, compression (it asks for none: `accept-encoding: identity`).
+so `bridge.query` maps both the same way; and httpx's proxies from the environment
+(`HTTP_PROXY`, `HTTPS_PROXY`, `ALL_PROXY`, `NO_PROXY`, read as Python's urllib reads
+them): an https query goes through an http:// proxy's CONNECT tunnel, TLS end to end
+with the provider, and an http one is forwarded by it; credentials in the proxy's URL
+become its Proxy-Authorization. What it leaves out, as the providers' APIs need none
+of it: redirects (httpx does not follow them by default either), cookies, compression
+(it asks for none: `accept-encoding: identity`), proxies other than http:// (a
+ConfigError at start).
 
 Traced or not, the worker's queries all go through it: with tracing on, each gets
 its OpenTelemetry client span around `post()` (`bridge.tracing.post`).
@@ -28,22 +33,59 @@ its OpenTelemetry client span around `post()` (`bridge.tracing.post`).
 from __future__ import annotations
 
 import asyncio
+import base64
+import socket
 import ssl
 import time
+import urllib.request
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import cast
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import httptools
 import httpx
 
 from bridge.deadlines import Deadlines
+from bridge.errors import ConfigError
 from bridge.providers.base import ProviderResponse
 
 # What httpx keeps an idle connection for by default.
 KEEPALIVE_EXPIRY = 5.0
+# The most a proxy's answer to CONNECT may take, head and all.
+MAX_TUNNEL_ANSWER = 16_384
 
-_Origin = tuple[str, str, int]
+
+@dataclass(frozen=True)
+class Proxy:
+    """An http:// proxy, and the Proxy-Authorization its URL's credentials make."""
+
+    host: str
+    port: int
+    authorization: str | None = field(default=None, repr=False)
+
+    @classmethod
+    def from_url(cls, url: str, variable: str) -> Proxy:
+        """The proxy a `*_PROXY` variable names; ConfigError naming the variable (not
+        its value, which may hold a password) when it is not an http:// URL."""
+        try:
+            parts = urlsplit(url if "://" in url else f"http://{url}")
+            port = parts.port or 80
+        except ValueError:
+            raise ConfigError(variable, "not a proxy URL") from None
+        if parts.scheme != "http" or not parts.hostname:
+            raise ConfigError(
+                variable, f"{parts.scheme}:// proxies are not supported, only http:// ones"
+            )
+        authorization = None
+        if parts.username is not None:
+            credentials = f"{unquote(parts.username)}:{unquote(parts.password or '')}"
+            authorization = "Basic " + base64.b64encode(credentials.encode()).decode()
+        return cls(parts.hostname, port, authorization)
+
+
+# scheme, host, port: where the request goes; and the proxy it goes through, if any.
+_Origin = tuple[str, str, int, Proxy | None]
 
 
 class AnswerTooLarge(Exception):
@@ -62,10 +104,22 @@ class ProviderClient:
         *,
         keepalive_expiry: float = KEEPALIVE_EXPIRY,
         ssl_context: ssl.SSLContext | None = None,
+        proxies: Mapping[str, str] | None = None,
     ) -> None:
+        """`proxies`: as `urllib.request.getproxies_environment()` gives them (keys
+        `http`, `https`, `all` and `no`); by default, the environment's."""
         self._user_agent = _checked(user_agent)
         self._keepalive_expiry = keepalive_expiry
         self._ssl_context = ssl_context
+        if proxies is None:
+            proxies = urllib.request.getproxies_environment()
+        names = (name.strip().lower().lstrip(".") for name in proxies.get("no", "").split(","))
+        self._no_proxy = [name for name in names if name]
+        self._proxies = {
+            scheme: Proxy.from_url(proxies[scheme], f"{scheme.upper()}_PROXY")
+            for scheme in ("http", "https", "all")
+            if proxies.get(scheme)
+        }
         self._idle: dict[_Origin, list[_Connection]] = {}
         self._busy: set[_Connection] = set()
         # Per URL: its origin and the request head up to the headers that vary.
@@ -124,17 +178,32 @@ class ProviderClient:
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise httpx.UnsupportedProtocol(f"not an http or https URL: {parts.scheme}://")
         default = 443 if parts.scheme == "https" else 80
-        origin = (parts.scheme, parts.hostname, port or default)
+        proxy = self._proxy_for(parts.scheme, parts.hostname)
+        origin = (parts.scheme, parts.hostname, port or default, proxy)
         host = parts.netloc.rpartition("@")[2]
         path = parts.path or "/"
         if parts.query:
             path += "?" + parts.query
+        proxy_header = ""
+        if proxy is not None and parts.scheme == "http":
+            # A proxy forwarding plain HTTP is asked for the absolute URL.
+            path = f"http://{host}{path}"
+            if proxy.authorization:
+                proxy_header = f"proxy-authorization: {proxy.authorization}\r\n"
         head = (
             f"POST {_checked(path)} HTTP/1.1\r\nhost: {_checked(host)}\r\n"
             f"accept: */*\r\naccept-encoding: identity\r\nconnection: keep-alive\r\n"
-            f"user-agent: {self._user_agent}\r\n"
+            f"user-agent: {self._user_agent}\r\n{proxy_header}"
         )
         return origin, head.encode("ascii", "strict")
+
+    def _proxy_for(self, scheme: str, host: str) -> Proxy | None:
+        """The proxy for `host`, unless NO_PROXY names it, a domain above it, or `*`."""
+        host = host.lower()
+        for name in self._no_proxy:
+            if name == "*" or host == name or host.endswith("." + name):
+                return None
+        return self._proxies.get(scheme) or self._proxies.get("all")
 
     async def _take(self, origin: _Origin) -> _Connection:
         idle = self._idle.get(origin)
@@ -147,18 +216,27 @@ class ProviderClient:
         return await self._connect(origin)
 
     async def _connect(self, origin: _Origin) -> _Connection:
-        scheme, host, port = origin
+        scheme, host, port, proxy = origin
         context = None
         if scheme == "https":
             if self._ssl_context is None:
                 self._ssl_context = httpx.create_ssl_context()
             context = self._ssl_context
         loop = asyncio.get_running_loop()
+        tls_host = host if context else None
         try:
             # asyncio sets TCP_NODELAY on the TCP sockets it connects.
-            _, connection = await loop.create_connection(
-                _Connection, host, port, ssl=context, server_hostname=host if context else None
-            )
+            if proxy is None:
+                _, connection = await loop.create_connection(
+                    _Connection, host, port, ssl=context, server_hostname=tls_host
+                )
+            elif scheme == "http":
+                _, connection = await loop.create_connection(_Connection, proxy.host, proxy.port)
+            else:
+                tunnel = await _tunnel(proxy, host, port)
+                _, connection = await loop.create_connection(
+                    _Connection, sock=tunnel, ssl=context, server_hostname=tls_host
+                )
         except OSError as exc:  # refused, unreachable, DNS, TLS (ssl.SSLError)
             raise httpx.ConnectError(f"{type(exc).__name__}: {exc}") from None
         return connection
@@ -190,6 +268,50 @@ class ProviderClient:
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
+
+
+async def _tunnel(proxy: Proxy, host: str, port: int) -> socket.socket:
+    """A socket connected to `host:port` through `proxy`'s CONNECT tunnel."""
+    loop = asyncio.get_running_loop()
+    family, kind, proto, _, address = (
+        await loop.getaddrinfo(proxy.host, proxy.port, type=socket.SOCK_STREAM)
+    )[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        await loop.sock_connect(sock, address)
+        await _ask_for_tunnel(sock, proxy, host, port)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+async def _ask_for_tunnel(sock: socket.socket, proxy: Proxy, host: str, port: int) -> None:
+    """Sends CONNECT and reads the proxy's answer: `httpx.ProxyError` unless a 2xx. The
+    error names the proxy and its status line, never its credentials."""
+    loop = asyncio.get_running_loop()
+    authority = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"  # IPv6 in brackets
+    request = f"CONNECT {authority} HTTP/1.1\r\nhost: {authority}\r\n"
+    if proxy.authorization:
+        request += f"proxy-authorization: {proxy.authorization}\r\n"
+    await loop.sock_sendall(sock, request.encode("ascii") + b"\r\n")
+    # Nothing follows the proxy's head until the TLS handshake starts.
+    answer = b""
+    while b"\r\n\r\n" not in answer:
+        chunk = await loop.sock_recv(sock, 4096)
+        if not chunk or len(answer) + len(chunk) > MAX_TUNNEL_ANSWER:
+            raise httpx.ProxyError(
+                f"proxy {proxy.host}:{proxy.port}: no whole answer to CONNECT {authority}"
+            )
+        answer += chunk
+    status_line = answer.split(b"\r\n", 1)[0].decode("latin-1")
+    status = status_line.split(" ", 2)[1:2]
+    if not status or len(status[0]) != 3 or not status[0].startswith("2"):
+        raise httpx.ProxyError(
+            f"proxy {proxy.host}:{proxy.port} refused CONNECT {authority}: {status_line[:80]!r}"
+        )
 
 
 def _checked(text: str) -> str:

@@ -48,6 +48,10 @@ class Worker:
         self._config = config
         self._metrics = metrics
         settings = config.worker
+        # First: a proxy it cannot use (a ConfigError) leaves nothing else to close.
+        # Its own client, not httpx (`bridge.providers.client` says why); traced, each
+        # query gets its client span all the same (`bridge.tracing.post`).
+        self._client = ProviderClient(user_agent)
         self._consumer = AIOKafkaConsumer(
             **client_options(config.kafka),
             group_id=settings.group_id,
@@ -61,9 +65,6 @@ class Worker:
         )
         self._state = StateStore(config.kafka)
         self._schedule = PollSchedule()
-        # Its own client, not httpx (`bridge.providers.client` says why); traced, each
-        # query gets its client span all the same (`bridge.tracing.post`).
-        self._client = ProviderClient(user_agent)
         self._gateways = Gateways(self._client, metrics, settings)
         self._writer = OrderWriter(
             producer, config.kafka, self._state, Fence(settings.session_timeout)

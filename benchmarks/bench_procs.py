@@ -59,7 +59,7 @@ def config_toml(config: Config) -> tuple[str, dict[str, str]]:
         return lines
 
     lines = ["[kafka]", *table(config.kafka), "[http]", *table(config.http)]
-    lines += ["[worker]", *table(config.worker)]
+    lines += ["[worker]", *table(config.worker), "[polling]", *table(config.polling)]
     for account in config.accounts:
         lines += ["[[accounts]]", *table(account), *table(account.settings)]
     return "\n".join(lines) + "\n", env

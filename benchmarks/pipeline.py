@@ -692,12 +692,13 @@ STAGES = (
     ("publish", "event published and read: event's record -> read"),
     ("whole", "the whole: callback sent -> event read"),
 )
+STAGE_PERCENTILES = (50, 90, 99)
 
 
 def stage_figures(
     seen: Sequence[tuple[Callback, Answer]], arrivals: Arrivals, queried: Mapping[str, float]
 ) -> dict[str, float]:
-    """p50 / p90 / p99 ms of each of STAGES, over the orders whose event was read.
+    """The STAGE_PERCENTILES of each of STAGES, in ms, over the orders whose event was read.
 
     `queried` is when the sandbox's handler started on an order's first query: time in
     this process's event loop, which the sandbox shares with the reader, is in it. An
@@ -718,7 +719,7 @@ def stage_figures(
         f"stage_{name}_p{p}_ms": percentile(values, p / 100) * 1000
         for name, values in spans.items()
         if values
-        for p in (50, 90, 99)
+        for p in STAGE_PERCENTILES
     }
 
 
@@ -729,7 +730,7 @@ def stage_lines(figures: Mapping[str, float]) -> list[str]:
         return []
     lines = ["", f"{'where the time goes (info)':<62}  p50 ms  p90 ms  p99 ms"]
     for name, what in STAGES:
-        shown = [figures.get(f"stage_{name}_p{p}_ms") for p in (50, 90, 99)]
+        shown = [figures.get(f"stage_{name}_p{p}_ms") for p in STAGE_PERCENTILES]
         lines.append(
             f"  {what:<60}" + "".join(f"{'-' if v is None else f'{v:.1f}':>8}" for v in shown)
         )

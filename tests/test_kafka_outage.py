@@ -50,16 +50,23 @@ def on_log(logger: str, text: str, action: Callable[[], object]) -> Iterator[Non
         target.removeHandler(handler)
 
 
-async def test_a_consumer_stopped_while_its_fetches_fail_stops_cleanly(
-    cut_off_broker: CutOffBroker, caplog: pytest.LogCaptureFixture
-) -> None:
+async def cut_off_consumer(cut_off_broker: CutOffBroker) -> AIOKafkaConsumer:
+    """A consumer of inbox partition 0 (the topics made) that has fetched once; then the
+    broker is cut off."""
     settings = cut_off_broker.settings
-    await ensure_topics(settings)
     consumer = AIOKafkaConsumer(**client_options(settings), fetch_max_wait_ms=50)
     await consumer.start()
     consumer.assign([TopicPartition(settings.inbox_topic, 0)])
     await consumer.getmany(timeout_ms=100)
     cut_off_broker.proxy.cut()
+    return consumer
+
+
+async def test_a_consumer_stopped_while_its_fetches_fail_stops_cleanly(
+    cut_off_broker: CutOffBroker, caplog: pytest.LogCaptureFixture
+) -> None:
+    await ensure_topics(cut_off_broker.settings)
+    consumer = await cut_off_consumer(cut_off_broker)
     # Each failed fetch is logged, then backs off: stop during that back-off.
     fetching = asyncio.create_task(consumer.getmany(timeout_ms=10_000))
     await wait_for_log(caplog, "Failed fetch messages")
@@ -73,14 +80,9 @@ async def test_a_command_stopped_by_ctrl_c_as_fetches_fail_leaves_nothing_runnin
     """Ctrl-C cancels a command's task, which stops its consumer on the way out: the
     cancellation it already has must not cut that stop short, or the client's tasks
     stay behind for asyncio.run to wait on."""
-    settings = cut_off_broker.settings
-    await ensure_topics(settings)
+    await ensure_topics(cut_off_broker.settings)
     before = asyncio.all_tasks()
-    consumer = AIOKafkaConsumer(**client_options(settings), fetch_max_wait_ms=50)
-    await consumer.start()
-    consumer.assign([TopicPartition(settings.inbox_topic, 0)])
-    await consumer.getmany(timeout_ms=100)
-    cut_off_broker.proxy.cut()
+    consumer = await cut_off_consumer(cut_off_broker)
 
     async def command() -> None:
         try:

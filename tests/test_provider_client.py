@@ -298,16 +298,23 @@ def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return cert_path, key_path
 
 
-async def test_tls_is_verified(certificate: tuple[Path, Path]) -> None:
+@pytest.fixture
+def tls(certificate: tuple[Path, Path]) -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    """A server's context with the certificate, and a client's (httpx's) trusting it."""
     cert_path, key_path = certificate
     server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     server_context.load_cert_chain(cert_path, key_path)
+    trusting = httpx.create_ssl_context(verify=ssl.create_default_context(cafile=cert_path))
+    return server_context, trusting
+
+
+async def test_tls_is_verified(tls: tuple[ssl.SSLContext, ssl.SSLContext]) -> None:
+    server_context, trusting = tls
     async with http_server(tls=server_context) as server:
         # httpx's default context does not trust a self-signed certificate.
         async with ProviderClient("t") as client:
             with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
                 await post(client, server.url)
-        trusting = httpx.create_ssl_context(verify=ssl.create_default_context(cafile=cert_path))
         async with ProviderClient("t", ssl_context=trusting) as client:
             assert [await post(client, server.url) for _ in range(2)] == [b"ok"] * 2
     # The refused handshake never reached the handler; the trusted one was reused.
@@ -382,12 +389,9 @@ def with_credentials(url: str, credentials: str) -> str:
 
 
 async def test_an_https_query_goes_through_the_proxys_tunnel(
-    certificate: tuple[Path, Path],
+    tls: tuple[ssl.SSLContext, ssl.SSLContext],
 ) -> None:
-    cert_path, key_path = certificate
-    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    server_context.load_cert_chain(cert_path, key_path)
-    trusting = httpx.create_ssl_context(verify=ssl.create_default_context(cafile=cert_path))
+    server_context, trusting = tls
     async with http_server(tls=server_context) as server, proxy_server() as proxy:
         proxies = {"https": with_credentials(proxy.url, "ops:p%40ss")}
         async with ProviderClient("t", ssl_context=trusting, proxies=proxies) as client:

@@ -279,7 +279,6 @@ async def _tunnel(proxy: Proxy, host: str, port: int) -> socket.socket:
     sock = socket.socket(family, kind, proto)
     try:
         sock.setblocking(False)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         await loop.sock_connect(sock, address)
         await _ask_for_tunnel(sock, proxy, host, port)
     except BaseException:
